@@ -1,0 +1,336 @@
+/**
+ * The model client: chat completions on any OpenAI-compatible server (OpenAI, Ollama, llama.cpp
+ * server, vLLM) through the `openai` SDK, with failures sorted into kinds the worker can act on.
+ *
+ * @module
+ */
+import OpenAI, {
+  APIConnectionError,
+  APIConnectionTimeoutError,
+  APIError,
+  APIUserAbortError,
+} from "openai";
+import type {
+  ChatCompletionContentPart,
+  ChatCompletionCreateParamsNonStreaming,
+  ChatCompletionMessageParam,
+} from "openai/resources/chat/completions";
+import { sniffImageType } from "./utils.ts";
+
+/**
+ * What kind of failure an {@linkcode LLMError} is.
+ *
+ * - `unavailable`: the server could not be reached, timed out, was overloaded or rate limited
+ *   (429, 5xx). Worth waiting for.
+ * - `rejected`: the server refused the request itself (any other 4xx). Sending it again will not
+ *   help.
+ * - `aborted`: the caller's signal cancelled the request (the worker is stopping).
+ */
+export type LLMErrorKind = "unavailable" | "rejected" | "aborted";
+
+/** A failed model request, with what kind of failure it was. */
+export class LLMError extends Error {
+  /** What kind of failure this is. */
+  readonly kind: LLMErrorKind;
+  /** The HTTP status, when the server answered. */
+  readonly status?: number;
+  /** How long the server asked us to wait (`Retry-After`), in milliseconds. */
+  readonly retryAfterMs?: number;
+
+  /** Builds the error; `options.cause` keeps the SDK's original error. */
+  constructor(
+    kind: LLMErrorKind,
+    message: string,
+    options: { status?: number; retryAfterMs?: number; cause?: unknown } = {},
+  ) {
+    super(message, { cause: options.cause });
+    this.name = "LLMError";
+    this.kind = kind;
+    this.status = options.status;
+    this.retryAfterMs = options.retryAfterMs;
+  }
+
+  /** True when waiting and trying again may succeed. */
+  get retryable(): boolean {
+    return this.kind === "unavailable";
+  }
+}
+
+/** A JSON schema the answer must follow, sent as `response_format: json_schema`. */
+export interface JsonSchemaFormat {
+  /** A short identifier of the schema, e.g. `intent_result`. */
+  name: string;
+  /** The JSON schema object itself. */
+  schema: Record<string, unknown>;
+}
+
+/** Per-request options of {@linkcode LLMClient}. */
+export interface CompletionOptions {
+  /** A system message sent before the prompt. */
+  system?: string;
+  /** Ask the server to answer with JSON that follows this schema. */
+  jsonSchema?: JsonSchemaFormat;
+  /** Cancels the request. */
+  signal?: AbortSignal;
+  /** Overrides the client's timeout for this request (ms). */
+  timeoutMs?: number;
+}
+
+/** One model answer with what it cost. */
+export interface Completion {
+  /** The answer's text (`""` when the server sent no content). */
+  text: string;
+  /** Tokens read, as reported by the server (0 when it does not say). */
+  promptTokens: number;
+  /** Tokens written, as reported by the server (0 when it does not say). */
+  completionTokens: number;
+}
+
+/** What {@linkcode LLMClient} reports after every request, for metrics and traces. */
+export interface CompletionEvent {
+  /** The model asked. */
+  model: string;
+  /** Wall time of the request (ms). */
+  durationMs: number;
+  /** `ok`, or the kind of failure. */
+  outcome: "ok" | LLMErrorKind;
+  /** Token counts, when the request succeeded. */
+  completion?: Completion;
+}
+
+/** Options of {@linkcode LLMClient}. */
+export interface LLMClientOptions {
+  /** The server's base URL, e.g. `http://localhost:8080/v1`. */
+  baseUrl: string;
+  /** API key; local servers accept anything. */
+  apiKey?: string;
+  /** Timeout of a text request (ms). Default 60 s. */
+  textTimeoutMs?: number;
+  /** Timeout of a request with an image (ms). Default 120 s. */
+  imageTimeoutMs?: number;
+  /** Sampling temperature. Default 0.3. */
+  temperature?: number;
+  /** Called after every request, successful or not. */
+  onCompletion?: (event: CompletionEvent) => void;
+  /** The `fetch` the SDK uses (tests, tracing). */
+  fetch?: typeof fetch;
+}
+
+/**
+ * Chat completions against an OpenAI-compatible server.
+ *
+ * The SDK's own retries are off: the worker decides when to try again, from {@linkcode LLMError}.
+ *
+ * @example
+ * ```ts
+ * const llm = new LLMClient({ baseUrl: "http://localhost:11434/v1" });
+ * const answer = await llm.complete("mistral", "Say hello");
+ * ```
+ */
+export class LLMClient {
+  readonly #client: OpenAI;
+  readonly #textTimeoutMs: number;
+  readonly #imageTimeoutMs: number;
+  readonly #temperature: number;
+  readonly #onCompletion?: (event: CompletionEvent) => void;
+
+  /** Creates a client; nothing is sent until the first request. */
+  constructor(options: LLMClientOptions) {
+    this.#client = new OpenAI({
+      baseURL: options.baseUrl,
+      apiKey: options.apiKey ?? "not-needed",
+      maxRetries: 0,
+      fetch: options.fetch,
+    });
+    this.#textTimeoutMs = options.textTimeoutMs ?? 60_000;
+    this.#imageTimeoutMs = options.imageTimeoutMs ?? 120_000;
+    this.#temperature = options.temperature ?? 0.3;
+    this.#onCompletion = options.onCompletion;
+  }
+
+  /** Sends a text prompt and returns the answer's text. */
+  async complete(model: string, prompt: string, options: CompletionOptions = {}): Promise<string> {
+    return (await this.chat(model, [{ role: "user", content: prompt }], options)).text;
+  }
+
+  /**
+   * Sends a prompt with one image and returns the answer's text.
+   *
+   * The image travels as a `data:` URL whose MIME type is `mimeType`, or else the one its bytes
+   * show (JPEG, PNG, WebP, GIF).
+   */
+  async completeWithImage(
+    model: string,
+    prompt: string,
+    imageB64: string,
+    mimeType?: string,
+    options: CompletionOptions = {},
+  ): Promise<string> {
+    const type = mimeType ?? sniffImageType(decodeHead(imageB64)) ?? "image/jpeg";
+    const content: ChatCompletionContentPart[] = [
+      { type: "text", text: prompt },
+      { type: "image_url", image_url: { url: `data:${type};base64,${imageB64}` } },
+    ];
+    return (await this.chat(model, [{ role: "user", content }], {
+      timeoutMs: this.#imageTimeoutMs,
+      ...options,
+    })).text;
+  }
+
+  /** Sends any list of messages; the building block of the two methods above. */
+  async chat(
+    model: string,
+    messages: ChatCompletionMessageParam[],
+    options: CompletionOptions = {},
+  ): Promise<Completion> {
+    const all: ChatCompletionMessageParam[] = options.system
+      ? [{ role: "system", content: options.system }, ...messages]
+      : messages;
+    const body: ChatCompletionCreateParamsNonStreaming = {
+      model,
+      messages: all,
+      temperature: this.#temperature,
+    };
+    if (options.jsonSchema) {
+      body.response_format = {
+        type: "json_schema",
+        json_schema: {
+          name: options.jsonSchema.name,
+          schema: options.jsonSchema.schema,
+          strict: true,
+        },
+      };
+    }
+    const started = performance.now();
+    try {
+      const response = await this.#client.chat.completions.create(body, {
+        timeout: options.timeoutMs ?? this.#textTimeoutMs,
+        signal: options.signal,
+      });
+      const completion: Completion = {
+        text: response.choices?.[0]?.message?.content ?? "",
+        promptTokens: response.usage?.prompt_tokens ?? 0,
+        completionTokens: response.usage?.completion_tokens ?? 0,
+      };
+      this.#report(model, started, "ok", completion);
+      return completion;
+    } catch (error) {
+      const failure = toLLMError(error, this.#client.baseURL);
+      this.#report(model, started, failure.kind);
+      throw failure;
+    }
+  }
+
+  /**
+   * Asks the server whether it answers at all (`GET /models`).
+   *
+   * Resolves when the server gave any answer other than 429 or 5xx (some servers have no
+   * `/models` and answer 404: they are up all the same); throws an `unavailable`
+   * {@linkcode LLMError} otherwise.
+   */
+  async probe(signal?: AbortSignal): Promise<void> {
+    try {
+      await this.#client.models.list({ timeout: 5_000, signal });
+    } catch (error) {
+      const failure = toLLMError(error, this.#client.baseURL);
+      if (failure.kind !== "rejected") throw failure;
+    }
+  }
+
+  /** Releases the client. The SDK keeps no open connections of its own, so this is cheap. */
+  close(): void {
+    // The SDK uses the runtime's fetch, whose connection pool is shared and closes by itself.
+  }
+
+  #report(
+    model: string,
+    started: number,
+    outcome: CompletionEvent["outcome"],
+    completion?: Completion,
+  ) {
+    this.#onCompletion?.({ model, durationMs: performance.now() - started, outcome, completion });
+  }
+}
+
+/** Sorts anything the SDK throws into an {@linkcode LLMError}. */
+export function toLLMError(error: unknown, baseUrl = "the model server"): LLMError {
+  if (error instanceof LLMError) return error;
+  if (
+    error instanceof APIUserAbortError || (error instanceof Error && error.name === "AbortError")
+  ) {
+    return new LLMError("aborted", "The model request was cancelled.", { cause: error });
+  }
+  if (error instanceof APIConnectionTimeoutError) {
+    return new LLMError(
+      "unavailable",
+      `The model server at ${baseUrl} timed out; it may be overloaded or the model still loading.`,
+      { cause: error },
+    );
+  }
+  if (error instanceof APIConnectionError) {
+    return new LLMError(
+      "unavailable",
+      `The model server at ${baseUrl} could not be reached; check LLM_BASE_URL and that the server is running.`,
+      { cause: error },
+    );
+  }
+  if (error instanceof APIError && typeof error.status === "number") {
+    const status = error.status;
+    const detail = shortDetail(error);
+    if (status === 429 || status === 408 || status >= 500) {
+      return new LLMError(
+        "unavailable",
+        `The model server answered ${status} (${
+          status === 429 ? "rate limited" : "overloaded or failing"
+        }): ${detail}`,
+        { status, retryAfterMs: retryAfterMs(error.headers), cause: error },
+      );
+    }
+    return new LLMError(
+      "rejected",
+      `The model server rejected the request with ${status}: ${detail}`,
+      {
+        status,
+        cause: error,
+      },
+    );
+  }
+  return new LLMError(
+    "unavailable",
+    `The model request failed: ${error instanceof Error ? error.message : String(error)}`,
+    { cause: error },
+  );
+}
+
+/**
+ * Reads `retry-after-ms` or `Retry-After` (seconds or an HTTP date) as milliseconds.
+ *
+ * @example
+ * ```ts
+ * retryAfterMs(new Headers({ "retry-after": "7" })); // 7000
+ * ```
+ */
+export function retryAfterMs(headers: Headers | undefined, now = Date.now()): number | undefined {
+  if (!headers) return undefined;
+  const ms = Number(headers.get("retry-after-ms"));
+  if (headers.get("retry-after-ms") && Number.isFinite(ms) && ms >= 0) return ms;
+  const value = headers.get("retry-after")?.trim();
+  if (!value) return undefined;
+  if (/^\d+(\.\d+)?$/.test(value)) return Math.round(Number(value) * 1000);
+  const date = Date.parse(value);
+  return Number.isNaN(date) ? undefined : Math.max(0, date - now);
+}
+
+function shortDetail(error: APIError): string {
+  const text = error.message || "no detail";
+  return text.length > 300 ? `${text.slice(0, 300)}…` : text;
+}
+
+function decodeHead(b64: string): Uint8Array {
+  try {
+    const head = atob(b64.slice(0, 32).replace(/=+$/, "").slice(0, 32 - (32 % 4)));
+    return Uint8Array.from(head, (c) => c.charCodeAt(0));
+  } catch {
+    return new Uint8Array();
+  }
+}

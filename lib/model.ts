@@ -1,0 +1,350 @@
+/**
+ * The model as the handlers see it: ask a question, get an answer that is already parsed and
+ * validated against the job's zod schema.
+ *
+ * {@linkcode ModelGateway} holds the model slots (`WORKER_CONCURRENCY` requests in flight at
+ * most), sends the answer's JSON schema as `response_format` when the server accepts it, strips
+ * reasoning models' `<think>` text, reads JSON out of chatty answers and tells
+ * {@linkcode ModelHealth} whether the server answers.
+ *
+ * @module
+ */
+import { z } from "zod";
+import type { Logger } from "@logtape/logtape";
+import { InvalidAnswerError } from "./errors.ts";
+import { type JsonSchemaFormat, type LLMClient, LLMError } from "./llm.ts";
+import { Semaphore } from "./semaphore.ts";
+import { extractJson, sleep, stripThinking } from "./utils.ts";
+import { describeError, logger } from "./log.ts";
+
+/** Which of the two configured models a request goes to. */
+export type ModelRole = "text" | "vision";
+
+/** An image attached to a request. */
+export interface ImageInput {
+  /** The bytes, base64-encoded. */
+  base64: string;
+  /** The MIME type the bytes showed. */
+  mimeType: string;
+}
+
+/** What {@linkcode ModelGateway.askText} sends. */
+export interface TextRequest {
+  /** Text or vision model. */
+  role: ModelRole;
+  /** The user prompt. */
+  prompt: string;
+  /** A system message. */
+  system?: string;
+  /** An image for the vision model. */
+  image?: ImageInput;
+  /** Cancels the request. */
+  signal?: AbortSignal;
+}
+
+/** What {@linkcode ModelGateway.ask} sends: a text request plus the schema of the answer. */
+export interface JsonRequest<T> extends TextRequest {
+  /** The answer's schema; the root must be an object with every property required. */
+  schema: z.ZodType<T>;
+  /** A short identifier of the schema, e.g. `image_tags`. */
+  schemaName: string;
+}
+
+/** `LLM_STRUCTURED_OUTPUT`: `auto` tries the schema and falls back per model. */
+export type StructuredOutputMode = "auto" | "on" | "off";
+
+/** Options of {@linkcode ModelGateway}. */
+export interface ModelGatewayOptions {
+  /** The model client. */
+  llm: LLMClient;
+  /** Model names per role. */
+  models: Record<ModelRole, string>;
+  /** Most requests in flight at once. */
+  concurrency: number;
+  /** `LLM_STRUCTURED_OUTPUT`. */
+  structuredOutput?: StructuredOutputMode;
+  /** Told about every request's availability; default: none. */
+  health?: ModelHealth;
+}
+
+/**
+ * Asks the model and returns validated answers.
+ *
+ * @example
+ * ```ts
+ * const gateway = new ModelGateway({ llm, models: { text: "mistral", vision: "llava" }, concurrency: 4 });
+ * const { tags } = await gateway.ask({
+ *   role: "text", prompt: "Three tags for a beach photo", schemaName: "tags",
+ *   schema: z.object({ tags: z.array(z.string()) }),
+ * });
+ * ```
+ */
+export class ModelGateway {
+  readonly #llm: LLMClient;
+  readonly #models: Record<ModelRole, string>;
+  readonly #slots: Semaphore;
+  readonly #mode: StructuredOutputMode;
+  readonly #health?: ModelHealth;
+  /** Models that refused `response_format: json_schema` (auto mode remembers them). */
+  readonly #noSchema = new Set<string>();
+  readonly #log: Logger = logger("model");
+
+  /** Creates the gateway; `concurrency` slots are shared by every job. */
+  constructor(options: ModelGatewayOptions) {
+    this.#llm = options.llm;
+    this.#models = options.models;
+    this.#slots = new Semaphore(options.concurrency);
+    this.#mode = options.structuredOutput ?? "auto";
+    this.#health = options.health;
+  }
+
+  /** Requests in flight now. */
+  get inFlight(): number {
+    return this.#slots.held;
+  }
+
+  /** The model name used for `role`. */
+  modelFor(role: ModelRole): string {
+    return this.#models[role];
+  }
+
+  /**
+   * Asks for a plain-text answer (reasoning text removed).
+   *
+   * @throws {InvalidAnswerError} when the answer is empty.
+   * @throws {LLMError} when the server is unavailable or rejects the request.
+   */
+  async askText(request: TextRequest): Promise<string> {
+    const text = stripThinking(await this.#send(request));
+    if (!text) throw new InvalidAnswerError("The model's answer was empty.", text);
+    return text;
+  }
+
+  /**
+   * Asks for JSON that follows `request.schema`, and returns it parsed and validated.
+   *
+   * @throws {InvalidAnswerError} when the answer holds no JSON or breaks the schema.
+   * @throws {LLMError} when the server is unavailable or rejects the request.
+   */
+  async ask<T>(request: JsonRequest<T>): Promise<T> {
+    const text = stripThinking(
+      await this.#send(request, { name: request.schemaName, schema: jsonSchemaOf(request.schema) }),
+    );
+    let json: unknown;
+    try {
+      json = extractJson(text);
+    } catch (error) {
+      throw new InvalidAnswerError(describeError(error), text);
+    }
+    const parsed = request.schema.safeParse(json);
+    if (!parsed.success) {
+      const issues = parsed.error.issues.slice(0, 5).map((issue) =>
+        `${issue.path.join(".") || "(root)"}: ${issue.message}`
+      );
+      throw new InvalidAnswerError(
+        `The model's answer does not fit the ${request.schemaName} schema: ${issues.join("; ")}`,
+        text,
+      );
+    }
+    return parsed.data;
+  }
+
+  async #send(request: TextRequest, format?: JsonSchemaFormat): Promise<string> {
+    const model = this.#models[request.role];
+    const useSchema = format !== undefined &&
+      (this.#mode === "on" || (this.#mode === "auto" && !this.#noSchema.has(model)));
+    const release = await this.#slots.acquire();
+    try {
+      let text: string;
+      try {
+        text = await this.#call(model, request, useSchema ? format : undefined);
+      } catch (error) {
+        if (
+          !(useSchema && this.#mode === "auto" && error instanceof LLMError &&
+            error.kind === "rejected")
+        ) {
+          throw error;
+        }
+        // The server refused the schema: ask again without it, and remember when that works.
+        text = await this.#call(model, request, undefined);
+        this.#noSchema.add(model);
+        this.#log.warn(
+          "Model {model} rejected response_format json_schema ({reason}); using prompt-only JSON for it from now on.",
+          { model, reason: describeError(error) },
+        );
+      }
+      this.#health?.reportSuccess();
+      return text;
+    } catch (error) {
+      if (error instanceof LLMError && error.kind === "unavailable") {
+        this.#health?.reportFailure(error);
+      }
+      throw error;
+    } finally {
+      release();
+    }
+  }
+
+  #call(model: string, request: TextRequest, jsonSchema?: JsonSchemaFormat): Promise<string> {
+    const options = { system: request.system, jsonSchema, signal: request.signal };
+    return request.image
+      ? this.#llm.completeWithImage(
+        model,
+        request.prompt,
+        request.image.base64,
+        request.image.mimeType,
+        options,
+      )
+      : this.#llm.complete(model, request.prompt, options);
+  }
+}
+
+const schemaCache = new WeakMap<z.ZodType, Record<string, unknown>>();
+
+/**
+ * The JSON schema of a zod schema, in the form strict structured output wants: no `$schema`,
+ * every object closed (`additionalProperties: false`).
+ */
+export function jsonSchemaOf(schema: z.ZodType): Record<string, unknown> {
+  let json = schemaCache.get(schema);
+  if (!json) {
+    json = z.toJSONSchema(schema, { io: "input", unrepresentable: "any" }) as Record<
+      string,
+      unknown
+    >;
+    delete json.$schema;
+    closeObjects(json);
+    schemaCache.set(schema, json);
+  }
+  return json;
+}
+
+function closeObjects(node: unknown): void {
+  if (Array.isArray(node)) return node.forEach(closeObjects);
+  if (!node || typeof node !== "object") return;
+  const record = node as Record<string, unknown>;
+  if (record.type === "object" && record.properties && !("additionalProperties" in record)) {
+    record.additionalProperties = false;
+  }
+  Object.values(record).forEach(closeObjects);
+}
+
+/** Options of {@linkcode ModelHealth}. */
+export interface ModelHealthOptions {
+  /** Asks the server whether it answers; throws when it does not. */
+  probe: (signal: AbortSignal) => Promise<void>;
+  /** Waits between probes while the server is down (ms); the last repeats. */
+  probeIntervalsMs?: number[];
+  /** Sleep, injectable for tests. */
+  sleep?: (ms: number, signal?: AbortSignal) => Promise<void>;
+  /** Called on every change between available and unavailable. */
+  onChange?: (available: boolean) => void;
+}
+
+/**
+ * Whether the model server is answering. The first unavailable failure marks it down and starts
+ * probing it; the first success (of a probe or of a job) marks it up again and wakes every
+ * waiter.
+ *
+ * @example
+ * ```ts
+ * const health = new ModelHealth({ probe: (signal) => llm.probe(signal) });
+ * await health.untilAvailable(signal); // resolves at once while the server is up
+ * ```
+ */
+export class ModelHealth {
+  #available = true;
+  #reason = "";
+  #recovered = Promise.withResolvers<void>();
+  #probing?: Promise<void>;
+  readonly #stop = new AbortController();
+  readonly #probe: (signal: AbortSignal) => Promise<void>;
+  readonly #intervals: number[];
+  readonly #sleep: (ms: number, signal?: AbortSignal) => Promise<void>;
+  readonly #onChange?: (available: boolean) => void;
+  readonly #log: Logger = logger("model");
+
+  /** Starts as available; nothing is probed until a failure is reported. */
+  constructor(options: ModelHealthOptions) {
+    this.#probe = options.probe;
+    this.#intervals = options.probeIntervalsMs ?? [1000, 2000, 3000, 5000];
+    this.#sleep = options.sleep ?? sleep;
+    this.#onChange = options.onChange;
+  }
+
+  /** True while the server is considered up. */
+  get available(): boolean {
+    return this.#available;
+  }
+
+  /** Why the server is considered down (empty while it is up). */
+  get reason(): string {
+    return this.#reason;
+  }
+
+  /** Marks the server down (once) and starts probing it. */
+  reportFailure(error: LLMError): void {
+    if (!this.#available || this.#stop.signal.aborted) return;
+    this.#available = false;
+    this.#reason = error.message;
+    this.#log.warn("Model server unavailable: {reason} New jobs wait until it answers again.", {
+      reason: error.message,
+    });
+    this.#onChange?.(false);
+    this.#probing ??= this.#probeUntilUp().finally(() => this.#probing = undefined);
+  }
+
+  /** Marks the server up and wakes everything waiting for it. */
+  reportSuccess(): void {
+    if (this.#available) return;
+    this.#available = true;
+    this.#reason = "";
+    this.#log.info("Model server answers again; waiting jobs resume.");
+    const recovered = this.#recovered;
+    this.#recovered = Promise.withResolvers<void>();
+    recovered.resolve();
+    this.#onChange?.(true);
+  }
+
+  /** Resolves at once while available, else when the server comes back or `signal` aborts. */
+  untilAvailable(signal?: AbortSignal): Promise<void> {
+    if (this.#available) return Promise.resolve();
+    return this.nextRecovery(signal);
+  }
+
+  /** Resolves at the next change from unavailable to available (rejects when `signal` aborts). */
+  nextRecovery(signal?: AbortSignal): Promise<void> {
+    const recovered = this.#recovered.promise;
+    if (!signal) return recovered;
+    return new Promise((resolve, reject) => {
+      if (signal.aborted) return reject(signal.reason);
+      const onAbort = () => reject(signal.reason);
+      signal.addEventListener("abort", onAbort, { once: true });
+      recovered.then(() => {
+        signal.removeEventListener("abort", onAbort);
+        resolve();
+      });
+    });
+  }
+
+  /** Stops probing. */
+  async close(): Promise<void> {
+    this.#stop.abort();
+    await this.#probing;
+  }
+
+  async #probeUntilUp(): Promise<void> {
+    const signal = this.#stop.signal;
+    for (let i = 0; !this.#available && !signal.aborted; i++) {
+      try {
+        await this.#sleep(this.#intervals[Math.min(i, this.#intervals.length - 1)], signal);
+        if (this.#available) return;
+        await this.#probe(signal);
+        this.reportSuccess();
+      } catch (error) {
+        if (signal.aborted) return;
+        this.#log.debug("Model server probe failed: {reason}", { reason: describeError(error) });
+      }
+    }
+  }
+}

@@ -1,0 +1,63 @@
+/**
+ * A counting semaphore: at most `limit` holders at once, the rest wait in FIFO order.
+ *
+ * @module
+ */
+
+/**
+ * Bounds how many things run at once.
+ *
+ * @example
+ * ```ts
+ * const slots = new Semaphore(4);
+ * const answer = await slots.run(() => fetch("http://localhost:8080/v1/models"));
+ * ```
+ */
+export class Semaphore {
+  #limit: number;
+  #held = 0;
+  readonly #waiters: Array<() => void> = [];
+
+  /** A semaphore with `limit` slots. */
+  constructor(limit: number) {
+    if (!(limit >= 1)) throw new RangeError(`Semaphore limit must be at least 1, got ${limit}`);
+    this.#limit = limit;
+  }
+
+  /** Slots in use. */
+  get held(): number {
+    return this.#held;
+  }
+
+  /** Callers waiting for a slot. */
+  get waiting(): number {
+    return this.#waiters.length;
+  }
+
+  /** Waits for a slot and returns the function that gives it back (call it exactly once). */
+  async acquire(): Promise<() => void> {
+    if (this.#held < this.#limit) {
+      this.#held++;
+    } else {
+      await new Promise<void>((resolve) => this.#waiters.push(resolve));
+    }
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const next = this.#waiters.shift();
+      if (next) next(); // the slot passes straight to the next waiter
+      else this.#held--;
+    };
+  }
+
+  /** Runs `fn` while holding a slot. */
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    const release = await this.acquire();
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+}
