@@ -170,7 +170,7 @@ export function startCoreEmulator(options: CoreEmulatorOptions = {}): CoreEmulat
   const now = () => new Date().toISOString();
   const knownUser = (id: number) => state.users.size === 0 || state.users.has(id);
 
-  const handle = async (req: Request): Promise<Response> => {
+  const handle = (req: Request, text: string): Response => {
     const url = new URL(req.url);
     const path = url.pathname;
     const method = req.method;
@@ -179,7 +179,6 @@ export function startCoreEmulator(options: CoreEmulatorOptions = {}): CoreEmulat
 
     let body: unknown = undefined;
     if (method === "POST" || method === "PATCH") {
-      const text = await req.text();
       if (!(req.headers.get("content-type") ?? "").includes("application/json")) {
         return invalid([{
           loc: ["body"],
@@ -394,23 +393,24 @@ export function startCoreEmulator(options: CoreEmulatorOptions = {}): CoreEmulat
   const server = Deno.serve(
     { hostname: "127.0.0.1", port: options.port ?? 0, onListen: () => {} },
     async (req) => {
-      if (!record) return await handle(req);
       const url = new URL(req.url);
-      const clone = req.method === "POST" || req.method === "PATCH" ? await req.clone().text() : "";
-      const response = await handle(req);
-      let body: unknown = undefined;
-      try {
-        body = clone ? JSON.parse(clone) : undefined;
-      } catch {
-        body = clone;
+      const text = req.method === "POST" || req.method === "PATCH" ? await req.text() : "";
+      const response = handle(req, text);
+      if (record) {
+        let body: unknown = undefined;
+        try {
+          body = text ? JSON.parse(text) : undefined;
+        } catch {
+          body = text;
+        }
+        state.requests.push({
+          method: req.method,
+          path: url.pathname,
+          query: Object.fromEntries(url.searchParams),
+          body,
+          status: response.status,
+        });
       }
-      state.requests.push({
-        method: req.method,
-        path: url.pathname,
-        query: Object.fromEntries(url.searchParams),
-        body,
-        status: response.status,
-      });
       return response;
     },
   );

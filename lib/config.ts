@@ -133,9 +133,30 @@ export function readDotenv(path = ".env"): Record<string, string> {
   }
 }
 
-/** The process environment and `.env`, merged: the real environment wins. */
+/**
+ * The process environment and `.env`, merged: the real environment wins, whatever the spelling
+ * of the name in either (`llm_text_model` in the environment beats `LLM_TEXT_MODEL` in `.env`).
+ */
 export function readEnvironment(): Record<string, string> {
-  return { ...readDotenv(), ...Deno.env.toObject() };
+  return { ...canonicalNames(readDotenv()), ...canonicalNames(Deno.env.toObject()) };
+}
+
+/**
+ * `env` with the settings' variables under their upper-case names (other names are kept as they
+ * are); when one source spells a name twice, the exact upper-case spelling wins. Empty values
+ * are left out, so they take the default.
+ */
+function canonicalNames(env: Record<string, string>): Record<string, string> {
+  const known = new Set(SETTING_NAMES);
+  const raw: Record<string, string> = {};
+  for (const [name, value] of Object.entries(env)) {
+    const upper = name.toUpperCase();
+    if (!known.has(upper)) raw[name] = value;
+    // An empty value means "not set" (compose files write `LLM_API_KEY: ${LLM_API_KEY:-}`).
+    else if (value.trim() === "") continue;
+    else if (name === upper || !(upper in raw)) raw[upper] = value;
+  }
+  return raw;
 }
 
 /**
@@ -151,13 +172,7 @@ export function readEnvironment(): Record<string, string> {
  * ```
  */
 export function loadSettings(env: Record<string, string> = readEnvironment()): Settings {
-  const known = new Set(SETTING_NAMES);
-  const raw: Record<string, string> = {};
-  for (const [name, value] of Object.entries(env)) {
-    const upper = name.toUpperCase();
-    // An exact upper-case spelling beats another spelling of the same name.
-    if (known.has(upper) && (name === upper || !(upper in raw))) raw[upper] = value;
-  }
+  const raw = canonicalNames(env);
   const parsed = schema.safeParse(raw);
   if (!parsed.success) {
     const problems = parsed.error.issues.map((issue) => {

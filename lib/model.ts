@@ -291,7 +291,7 @@ export class ModelHealth {
       reason: error.message,
     });
     this.#onChange?.(false);
-    this.#probing ??= this.#probeUntilUp().finally(() => this.#probing = undefined);
+    this.#probing ??= this.#probeUntilUp();
   }
 
   /** Marks the server up and wakes everything waiting for it. */
@@ -335,16 +335,24 @@ export class ModelHealth {
 
   async #probeUntilUp(): Promise<void> {
     const signal = this.#stop.signal;
-    for (let i = 0; !this.#available && !signal.aborted; i++) {
-      try {
-        await this.#sleep(this.#intervals[Math.min(i, this.#intervals.length - 1)], signal);
-        if (this.#available) return;
-        await this.#probe(signal);
-        this.reportSuccess();
-      } catch (error) {
-        if (signal.aborted) return;
-        this.#log.debug("Model server probe failed: {reason}", { reason: describeError(error) });
+    try {
+      for (let i = 0; !this.#available && !signal.aborted; i++) {
+        try {
+          await this.#sleep(this.#intervals[Math.min(i, this.#intervals.length - 1)], signal);
+          if (this.#available) return;
+          await this.#probe(signal);
+          this.reportSuccess();
+        } catch (error) {
+          if (signal.aborted) return;
+          this.#log.debug("Model server probe failed: {reason}", {
+            reason: describeError(error),
+          });
+        }
       }
+    } finally {
+      // Cleared in the same tick as the last look at #available: a failure reported right after
+      // this loop ends always starts a new one (a `.finally()` callback would leave a gap).
+      this.#probing = undefined;
     }
   }
 }

@@ -1,0 +1,793 @@
+/**
+ * The consumer: reads the five job streams with one blocking `XREADGROUP`, runs each job through
+ * its handler, and ends it exactly as CONTRACT.md section 4 says (PATCH, notify, XACK), with
+ * retries, stalled-entry recovery and a graceful stop.
+ *
+ * @module
+ */
+import type { Logger } from "@logtape/logtape";
+import type { Redis } from "ioredis";
+import type { Settings } from "./config.ts";
+import { type CoreApiClient, CoreApiError } from "./core_api.ts";
+import { InvalidAnswerError, JobFailedError } from "./errors.ts";
+import { HANDLERS } from "./handlers/mod.ts";
+import type { Effects, HandlerResult, Job, JobHandler, JobType } from "./handlers/types.ts";
+import { type JobLedger, type JobRecord } from "./ledger.ts";
+import { LLMError } from "./llm.ts";
+import { describeError, logger } from "./log.ts";
+import { sleep } from "./utils.ts";
+import type { ModelGateway, ModelHealth } from "./model.ts";
+import { entryTimeMs, expiresAt, RetryTracker, unavailableDelayMs } from "./retry.ts";
+import { JobScheduler, type RunOutcome } from "./scheduler.ts";
+import {
+  compareEntryIds,
+  deadLetterArgs,
+  ensureGroups,
+  GROUP,
+  JOB_STREAMS,
+  type Notification,
+  notificationArgs,
+  type ParsedEntry,
+  parseEntry,
+} from "./streams.ts";
+
+/** How a job's run ended, as reported to {@linkcode ConsumerEvents}. */
+export type JobOutcome =
+  | "completed"
+  | "failed"
+  | "skipped"
+  | "retry_invalid"
+  | "retry_unavailable"
+  | "abandoned";
+
+/** Observers of the consumer (metrics, tests). All optional; none may throw. */
+export interface ConsumerEvents {
+  /** A job run starts (`attempt` counts every run of the job, 1-based). */
+  jobStarted?(job: Job, attempt: number): void;
+  /** A job run ended. */
+  jobEnded?(job: Job, outcome: JobOutcome, durationMs: number): void;
+  /** A malformed entry was copied to `llm:dead`. */
+  deadLettered?(stream: string, reason: string): void;
+}
+
+/** Options of {@linkcode Consumer}. */
+export interface ConsumerOptions {
+  /** The worker's settings. */
+  settings: Settings;
+  /** Connection for ordinary commands. */
+  redis: Redis;
+  /** A second connection, for the blocking `XREADGROUP` only. */
+  reader: Redis;
+  /** The job ledger (on `redis`). */
+  ledger: JobLedger;
+  /** Core's REST API. */
+  core: CoreApiClient;
+  /** The model. */
+  model: ModelGateway;
+  /** Whether the model server answers. */
+  health: ModelHealth;
+  /** Handlers by job type (default: the five of `lib/handlers`). */
+  handlers?: Readonly<Record<JobType, JobHandler>>;
+  /** Observers. */
+  events?: ConsumerEvents;
+  /** The clock in ms (default `Date.now`). */
+  now?: () => number;
+  /** How long one `XREADGROUP` blocks (ms); also bounds how fast a stop is noticed. */
+  blockMs?: number;
+  /** Streams to read (default: the five job streams). */
+  streams?: readonly string[];
+}
+
+/** One entry held in memory, from the read until it is acknowledged or left. */
+interface WorkItem {
+  stream: string;
+  entryId: string;
+  fields: string[];
+  userId: number | null;
+  parsed: ParsedEntry;
+  /** Delivered to a consumer before (our own pending list at start, or claimed). */
+  redelivered: boolean;
+  /** Loaded at the first run. */
+  record?: JobRecord;
+  effects?: Effects;
+  /** Set once the job's end is decided but not yet written (Core was down). */
+  ending?: Ending;
+  /** The model said it is unavailable at the last run (so a recovery wakes it). */
+  waitingForModel?: boolean;
+}
+
+interface Ending {
+  status: "completed" | "failed";
+  result: Record<string, unknown> | null;
+  errorMessage?: string;
+  notifications: Notification[];
+}
+
+/**
+ * The LLM worker's consumer loop.
+ *
+ * @example
+ * ```ts
+ * const consumer = new Consumer({ settings, redis, reader, ledger, core, model, health });
+ * await consumer.start();
+ * // ... on SIGTERM:
+ * await consumer.stop();
+ * ```
+ */
+export class Consumer {
+  readonly #s: Settings;
+  readonly #redis: Redis;
+  readonly #reader: Redis;
+  readonly #ledger: JobLedger;
+  readonly #core: CoreApiClient;
+  readonly #model: ModelGateway;
+  readonly #health: ModelHealth;
+  readonly #handlers: Readonly<Record<JobType, JobHandler>>;
+  readonly #events: ConsumerEvents;
+  readonly #now: () => number;
+  readonly #blockMs: number;
+  readonly #streams: readonly string[];
+  readonly #log: Logger = logger("consumer");
+  readonly #scheduler: JobScheduler<WorkItem>;
+  readonly #tracker: RetryTracker;
+  /** Entries held in memory, by `stream id`. */
+  readonly #held = new Map<string, WorkItem>();
+  /** The most entries held in memory at once. */
+  readonly #maxHeld: number;
+  /** Aborted when the consumer starts stopping: the reader and the waits end. */
+  readonly #stopping = new AbortController();
+  /** Aborted when the drain time is over: jobs still running are cut short. */
+  readonly #hardStop = new AbortController();
+  #loops: Promise<void>[] = [];
+  #running = false;
+  #stopped?: Promise<void>;
+  #lastReadError = 0;
+
+  /** Creates the consumer; nothing is read until {@linkcode Consumer.start}. */
+  constructor(options: ConsumerOptions) {
+    this.#s = options.settings;
+    this.#redis = options.redis;
+    this.#reader = options.reader;
+    this.#ledger = options.ledger;
+    this.#core = options.core;
+    this.#model = options.model;
+    this.#health = options.health;
+    this.#handlers = options.handlers ?? HANDLERS;
+    this.#events = options.events ?? {};
+    this.#now = options.now ?? Date.now;
+    this.#blockMs = options.blockMs ?? 1000;
+    this.#streams = options.streams ?? JOB_STREAMS;
+    this.#tracker = new RetryTracker(this.#s.llmMaxRetries);
+    const concurrency = this.#s.workerConcurrency;
+    // Model slots bound the model; running jobs may be twice that, so a job writing its results
+    // never keeps a slot idle. Entries held in memory (queued behind their user) are bounded too.
+    this.#maxHeld = Math.max(4 * concurrency, 32);
+    this.#scheduler = new JobScheduler<WorkItem>({
+      maxRunning: 2 * concurrency,
+      run: (item) => this.#runItem(item),
+      onError: (item, error) =>
+        this.#log.error("Unexpected error in job {entryId} from {stream}: {error}", {
+          entryId: item.entryId,
+          stream: item.stream,
+          error: describeError(error),
+        }),
+    });
+  }
+
+  /** True while the read loop runs (for `/readyz`). */
+  get running(): boolean {
+    return this.#running;
+  }
+
+  /** Jobs running now (a job waiting for a retry is not running). */
+  get inFlight(): number {
+    return this.#scheduler.running;
+  }
+
+  /** Entries held in memory (queued, running or waiting for a retry). */
+  get held(): number {
+    return this.#scheduler.held;
+  }
+
+  /**
+   * Creates the groups, takes back this consumer's own pending entries, then starts reading,
+   * claiming stalled entries of other consumers and keeping its own entries fresh.
+   */
+  async start(): Promise<void> {
+    await ensureGroups(this.#redis, this.#streams);
+    this.#running = true;
+    this.#loops = [
+      this.#readLoop(),
+      this.#every(this.#claimIntervalMs(), () => this.#claimStalled()),
+      this.#every(
+        Math.max(250, Math.floor(this.#s.workerClaimIdleMs / 4)),
+        () => this.#heartbeat(),
+      ),
+    ];
+  }
+
+  /**
+   * Stops: no more reads, jobs in flight get up to `WORKER_SHUTDOWN_TIMEOUT_MS` to finish, the
+   * rest stays unacknowledged for the next consumer. Calling it again returns the same promise.
+   */
+  stop(): Promise<void> {
+    this.#stopped ??= this.#stop();
+    return this.#stopped;
+  }
+
+  async #stop(): Promise<void> {
+    const inFlight = this.#scheduler.running;
+    this.#log.info("Stopping: {inFlight} job(s) in flight get up to {timeout} ms to finish.", {
+      inFlight,
+      timeout: this.#s.workerShutdownTimeoutMs,
+    });
+    this.#stopping.abort(new Error("the worker is stopping"));
+    const left = this.#scheduler.stop();
+    await Promise.allSettled(this.#loops);
+    this.#running = false;
+    if (!await this.#scheduler.drain(this.#s.workerShutdownTimeoutMs)) {
+      this.#log.warn(
+        "Drain time is over: cutting {n} job(s) short; they stay pending for recovery.",
+        {
+          n: this.#scheduler.running,
+        },
+      );
+      this.#hardStop.abort(new Error("the drain time is over"));
+      await this.#scheduler.drain(5_000);
+    }
+    this.#log.info("Stopped; {left} entr(y/ies) left unacknowledged for the next consumer.", {
+      left: left + this.#scheduler.running,
+    });
+  }
+
+  // ---------------------------------------------------------------- reading
+
+  async #readLoop(): Promise<void> {
+    const signal = this.#stopping.signal;
+    await this.#recoverOwnPending();
+    await this.#claimStalled();
+    let staged: WorkItem[] = [];
+    let truncated: string[] = [];
+    while (!signal.aborted) {
+      try {
+        await this.#health.untilAvailable(signal);
+        await this.#scheduler.whenHeldBelow(Math.max(1, this.#maxHeld - staged.length), signal);
+        const room = Math.max(1, this.#maxHeld - this.#scheduler.held - staged.length);
+        const streams = staged.length > 0 ? truncated : this.#streams;
+        const reply = await this.#xreadgroup(
+          streams,
+          ">",
+          room,
+          staged.length > 0 ? undefined : this.#blockMs,
+        );
+        if (signal.aborted) break; // entries read now stay pending for recovery
+        // A user's jobs run in entry-id order across all streams. A stream that filled its COUNT
+        // may hold older entries than another stream's: those wait for the next read.
+        let frontier: string | undefined;
+        truncated = [];
+        const items = [...staged];
+        for (const [stream, entries] of reply) {
+          if (entries.length >= room) {
+            truncated.push(stream);
+            const last = entries[entries.length - 1][0];
+            if (!frontier || compareEntryIds(last, frontier) < 0) frontier = last;
+          }
+          for (const [id, fields] of entries) items.push(this.#item(stream, id, fields, false));
+        }
+        items.sort((a, b) => compareEntryIds(a.entryId, b.entryId));
+        staged = frontier
+          ? items.filter((item) => compareEntryIds(item.entryId, frontier) > 0)
+          : [];
+        for (const item of items) {
+          if (!frontier || compareEntryIds(item.entryId, frontier) <= 0) this.#admit(item);
+        }
+      } catch (error) {
+        if (signal.aborted) break;
+        await this.#onRedisError(error);
+      }
+    }
+  }
+
+  /** Reads this consumer's own pending entries (from a previous run under the same name). */
+  async #recoverOwnPending(): Promise<void> {
+    const signal = this.#stopping.signal;
+    for (const stream of this.#streams) {
+      let after = "0";
+      while (!signal.aborted) {
+        try {
+          await this.#scheduler.whenHeldBelow(this.#maxHeld, signal);
+          const reply = await this.#xreadgroup(
+            [stream],
+            after,
+            this.#maxHeld - this.#scheduler.held,
+          );
+          const entries = reply[0]?.[1] ?? [];
+          if (entries.length === 0) break;
+          for (const [id, fields] of entries) this.#admit(this.#item(stream, id, fields, true));
+          after = entries[entries.length - 1][0];
+        } catch (error) {
+          if (signal.aborted) return;
+          await this.#onRedisError(error);
+        }
+      }
+    }
+  }
+
+  /** Claims entries another consumer has held longer than `WORKER_CLAIM_IDLE_MS`. */
+  async #claimStalled(): Promise<void> {
+    for (const stream of this.#streams) {
+      let cursor = "0-0";
+      do {
+        if (this.#stopping.signal.aborted) return;
+        const room = this.#maxHeld - this.#scheduler.held;
+        if (room <= 0) return;
+        const [next, entries] = await this.#redis.xautoclaim(
+          stream,
+          GROUP,
+          this.#s.workerConsumerName,
+          this.#s.workerClaimIdleMs,
+          cursor,
+          "COUNT",
+          room,
+        ) as [string, Array<[string, string[] | null]>, string[]];
+        for (const [id, fields] of entries) {
+          if (this.#held.has(`${stream} ${id}`)) continue;
+          this.#log.info("Claimed stalled entry {id} from {stream}.", { id, stream });
+          this.#admit(this.#item(stream, id, fields, true));
+        }
+        cursor = next;
+      } while (cursor !== "0-0");
+    }
+  }
+
+  /** Resets the idle time of the entries this consumer holds, so no replica claims them. */
+  async #heartbeat(): Promise<void> {
+    const byStream = new Map<string, string[]>();
+    for (const item of this.#held.values()) {
+      byStream.set(item.stream, [...byStream.get(item.stream) ?? [], item.entryId]);
+    }
+    for (const [stream, ids] of byStream) {
+      const pending = await this.#redis.xpending(
+        stream,
+        GROUP,
+        ids.reduce((a, b) => compareEntryIds(a, b) <= 0 ? a : b),
+        "+",
+        ids.length + 100,
+        this.#s.workerConsumerName,
+      ) as Array<[string, string, number, number]>;
+      const ours = new Set(pending.map(([id]) => id));
+      const mine = ids.filter((id) => ours.has(id));
+      for (const id of ids) {
+        if (!ours.has(id)) {
+          this.#log.warn(
+            "Entry {id} of {stream} is no longer ours (another consumer claimed it).",
+            { id, stream },
+          );
+        }
+      }
+      if (mine.length > 0) {
+        await this.#redis.xclaim(stream, GROUP, this.#s.workerConsumerName, 0, ...mine, "JUSTID");
+      }
+    }
+  }
+
+  async #xreadgroup(
+    streams: readonly string[],
+    after: string,
+    count: number,
+    blockMs?: number,
+  ): Promise<Array<[string, Array<[string, string[] | null]>]>> {
+    const args: (string | number)[] = ["GROUP", GROUP, this.#s.workerConsumerName, "COUNT", count];
+    if (blockMs !== undefined) args.push("BLOCK", blockMs);
+    args.push("STREAMS", ...streams, ...streams.map(() => after));
+    const reply = await this.#reader.call("XREADGROUP", ...args);
+    return (reply ?? []) as Array<[string, Array<[string, string[] | null]>]>;
+  }
+
+  async #onRedisError(error: unknown): Promise<void> {
+    const message = describeError(error);
+    if (message.includes("NOGROUP")) {
+      // Redis lost its data (restarted without persistence): the groups come back empty.
+      this.#log.warn("Consumer group missing ({message}); creating it again.", { message });
+      await ensureGroups(this.#redis, this.#streams).catch(() => {});
+    } else if (this.#now() - this.#lastReadError > 10_000) {
+      this.#lastReadError = this.#now();
+      this.#log.error(
+        "Reading the job streams failed: {message}. Retrying; check REDIS_URL and that Redis is up.",
+        {
+          message,
+        },
+      );
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+
+  #item(stream: string, entryId: string, fields: string[] | null, redelivered: boolean): WorkItem {
+    const parsed = fields
+      ? parseEntry(stream, entryId, fields)
+      : { ok: false as const, reason: "the entry was deleted from the stream" };
+    return {
+      stream,
+      entryId,
+      fields: fields ?? [],
+      // Malformed entries are nobody's: they never hold a user's jobs back.
+      userId: parsed.ok ? parsed.job.userId : null,
+      parsed,
+      redelivered,
+    };
+  }
+
+  #admit(item: WorkItem): void {
+    const key = `${item.stream} ${item.entryId}`;
+    if (this.#held.has(key)) return;
+    this.#held.set(key, item);
+    this.#scheduler.add(item);
+  }
+
+  #release(item: WorkItem): void {
+    this.#held.delete(`${item.stream} ${item.entryId}`);
+  }
+
+  async #every(intervalMs: number, task: () => Promise<void>): Promise<void> {
+    const signal = this.#stopping.signal;
+    while (!signal.aborted) {
+      try {
+        await sleep(intervalMs, signal);
+        await task();
+      } catch (error) {
+        if (signal.aborted) return;
+        this.#log.warn("Background task failed: {message}", { message: describeError(error) });
+      }
+    }
+  }
+
+  #claimIntervalMs(): number {
+    return Math.min(60_000, Math.max(200, Math.floor(this.#s.workerClaimIdleMs / 2)));
+  }
+
+  // ---------------------------------------------------------------- running
+
+  async #runItem(item: WorkItem): Promise<RunOutcome> {
+    if (!item.parsed.ok) return await this.#deadLetter(item, item.parsed);
+    const job = item.parsed.job;
+    const started = performance.now();
+    let outcome: JobOutcome = "abandoned";
+    try {
+      const result = await this.#runJob(item, job);
+      outcome = result.outcome;
+      if (outcome === "completed" || outcome === "failed" || outcome === "skipped") {
+        this.#release(item);
+        this.#tracker.clear(job.jobId);
+      }
+      return result.retry;
+    } catch (error) {
+      // Redis unreachable while ending the job, or a bug: try again later, nothing acknowledged.
+      this.#log.error(
+        "Job {jobId} ({jobType}) hit an unexpected error: {message}. It will be retried.",
+        {
+          jobId: job.jobId,
+          jobType: job.jobType,
+          message: describeError(error),
+        },
+      );
+      return { retryInMs: 5_000 };
+    } finally {
+      const durationMs = performance.now() - started;
+      this.#events.jobEnded?.(job, outcome, durationMs);
+      const level = outcome === "failed" ? "warn" : "info";
+      this.#log[level](
+        "Job {jobId} ({jobType}) for user {userId} ended: {outcome} in {durationMs} ms.",
+        {
+          jobId: job.jobId,
+          jobType: job.jobType,
+          userId: job.userId,
+          outcome,
+          durationMs: Math.round(durationMs),
+          attempt: this.#attempt(item),
+        },
+      );
+    }
+  }
+
+  async #runJob(item: WorkItem, job: Job): Promise<{ outcome: JobOutcome; retry?: RunOutcome }> {
+    if (this.#hardStop.signal.aborted) return { outcome: "abandoned" };
+    const log = this.#log.with({ jobId: job.jobId, jobType: job.jobType, userId: job.userId });
+    try {
+      if (!item.record) {
+        item.record = await this.#ledger.load(job.jobId);
+        item.effects = this.#ledger.effects(job.jobId, item.record);
+        this.#tracker.restore(job.jobId, item.record.invalidAttempts);
+        if (item.record.done) {
+          await this.#ledger.ack(job);
+          return { outcome: "skipped" };
+        }
+        if (item.redelivered || item.record.exists) {
+          const skipped = await this.#skipIfFinishedInCore(item, job);
+          if (skipped) return { outcome: "skipped" };
+        }
+      }
+      const attempt = this.#attempt(item);
+      this.#events.jobStarted?.(job, attempt);
+      log.info("Job {jobId} ({jobType}) for user {userId} started, attempt {attempt}.", {
+        attempt,
+      });
+      item.ending ??= await this.#decide(item, job, log);
+      if (!item.ending) return { outcome: "abandoned" };
+      await this.#end(job, item.ending, log);
+      return { outcome: item.ending.status };
+    } catch (error) {
+      return this.#onRunError(item, job, error, log);
+    }
+  }
+
+  /** Runs the handler, or decides a failure without it; `undefined` when the stop cut it short. */
+  async #decide(item: WorkItem, job: Job, log: Logger): Promise<Ending | undefined> {
+    const handler = this.#handlers[job.jobType];
+    if (this.#now() >= expiresAt(entryTimeMs(job.entryId))) {
+      return this.#failure(job, "The job expired: it was queued more than 14 days ago.");
+    }
+    if (handler.requiresUser && job.userId === null) {
+      return this.#failure(
+        job,
+        `A ${job.jobType} job acts for an owner, but its user_id is null; the producer must send the user.`,
+      );
+    }
+    const payload = handler.payloadSchema.safeParse(job.payload);
+    if (!payload.success) {
+      const issues = payload.error.issues.slice(0, 5).map((i) =>
+        `${i.path.join(".") || "payload"}: ${i.message}`
+      );
+      return this.#failure(job, `The ${job.jobType} payload is invalid: ${issues.join("; ")}.`);
+    }
+    let result: HandlerResult;
+    try {
+      result = await handler.run({
+        job,
+        core: this.#core,
+        model: this.#model,
+        effects: item.effects!,
+        settings: this.#s,
+        now: () => new Date(this.#now()),
+        signal: this.#hardStop.signal,
+        log,
+      }, payload.data);
+    } catch (error) {
+      if (this.#hardStop.signal.aborted) return undefined;
+      throw error;
+    }
+    item.waitingForModel = false;
+    return {
+      status: "completed",
+      result: result.result,
+      notifications: job.userId === null
+        ? []
+        : result.notifications.map((n) => ({ user_id: job.userId!, ...n })),
+    };
+  }
+
+  /** Writes the end of a job: outbox, Core's PATCH, then notifications + XACK at once. */
+  async #end(job: Job, ending: Ending, log: Logger): Promise<void> {
+    if (ending.notifications.length > 0) {
+      await this.#ledger.saveOutbox(job.jobId, ending.notifications);
+    }
+    try {
+      await this.#core.updateJob(
+        job.jobId,
+        ending.status === "completed"
+          ? { status: "completed", result: ending.result }
+          : { status: "failed", error_message: ending.errorMessage },
+        this.#hardStop.signal,
+      );
+    } catch (error) {
+      if (!(error instanceof CoreApiError) || error.retryable) throw error;
+      // Core can never take this update (e.g. it does not know the job): say so, end it anyway.
+      log.error("Core refused the end of job {jobId}: {message}. The entry is acknowledged.", {
+        message: error.message,
+      });
+    }
+    await this.#ledger.finish(job, ending.status, ending.notifications);
+    if (ending.status === "failed") {
+      log.warn("Job {jobId} ({jobType}) failed: {reason}", { reason: ending.errorMessage });
+    }
+  }
+
+  /** A redelivered job that Core already shows as ended is acknowledged, not redone. */
+  async #skipIfFinishedInCore(item: WorkItem, job: Job): Promise<boolean> {
+    let status: string;
+    try {
+      status = (await this.#core.getJob(job.jobId, this.#hardStop.signal)).status;
+    } catch (error) {
+      if (error instanceof CoreApiError && error.status === 404) return false; // handled at the end
+      throw error;
+    }
+    if (status !== "completed" && status !== "failed") return false;
+    // Crashed after Core's PATCH but before the notifications: send what was saved.
+    await this.#ledger.finish(job, status, item.record?.outbox ?? []);
+    this.#log.info("Job {jobId} was already {status} in Core; acknowledged without redoing it.", {
+      jobId: job.jobId,
+      status,
+    });
+    return true;
+  }
+
+  async #onRunError(
+    item: WorkItem,
+    job: Job,
+    error: unknown,
+    log: Logger,
+  ): Promise<{ outcome: JobOutcome; retry?: RunOutcome }> {
+    if (this.#hardStop.signal.aborted) return { outcome: "abandoned" };
+    let ending: Ending | undefined;
+    if (error instanceof InvalidAnswerError) {
+      this.#tracker.restore(job.jobId, await this.#ledger.countInvalid(job.jobId));
+      item.record!.invalidAttempts = this.#tracker.attempts(job.jobId);
+      if (this.#tracker.shouldRetry(job.jobId)) {
+        const delay = this.#tracker.backoffSeconds(job.jobId) * 1000;
+        log.warn("Job {jobId}: invalid model answer ({reason}); asking again in {delay} ms.", {
+          reason: error.message,
+          delay,
+          answer: error.answer,
+        });
+        return { outcome: "retry_invalid", retry: { retryInMs: delay } };
+      }
+      ending = this.#failure(
+        job,
+        `The model gave no valid answer in ${this.#tracker.maxRetries} attempts; last problem: ${error.message}`,
+      );
+    } else if (isUnavailable(error)) {
+      return { outcome: "retry_unavailable", retry: await this.#wait(item, job, error, log) };
+    } else if (error instanceof JobFailedError) {
+      ending = this.#failure(job, error.message, error.userMessage);
+    } else if (error instanceof LLMError) {
+      ending = this.#failure(
+        job,
+        `The model server refused the request (check LLM_TEXT_MODEL / LLM_VISION_MODEL and LLM_API_KEY): ${error.message}`,
+      );
+    } else if (error instanceof CoreApiError) {
+      ending = this.#failure(job, `Core refused a call the job needs: ${error.message}`);
+    } else {
+      throw error;
+    }
+    item.ending = ending;
+    try {
+      await this.#end(job, ending, log);
+      return { outcome: "failed" };
+    } catch (endError) {
+      if (isUnavailable(endError)) {
+        return { outcome: "retry_unavailable", retry: await this.#wait(item, job, endError, log) };
+      }
+      throw endError;
+    }
+  }
+
+  /** Schedules the next try of a job that met an unavailable model server or Core. */
+  async #wait(
+    item: WorkItem,
+    job: Job,
+    error: LLMError | CoreApiError,
+    log: Logger,
+  ): Promise<RunOutcome> {
+    const count = await this.#ledger.countUnavailable(job.jobId);
+    item.record!.unavailableAttempts = count;
+    const fromModel = error instanceof LLMError;
+    item.waitingForModel = fromModel;
+    if (fromModel) {
+      if (await this.#ledger.setOnce(job.jobId, "processing")) {
+        await this.#core.updateJob(job.jobId, { status: "processing" }).catch((e) =>
+          log.debug("Could not mark job {jobId} processing: {message}", {
+            message: describeError(e),
+          })
+        );
+      }
+      if (job.userId !== null && await this.#ledger.setOnce(job.jobId, "told")) {
+        await this.#redis.xadd(...notificationArgs({
+          user_id: job.userId,
+          message_type: "llm_failure",
+          content: {
+            job_type: job.jobType,
+            memory_id: memoryIdOf(job),
+            message:
+              "The assistant's language model is unavailable right now; your request is saved and will run when it is back.",
+          },
+        }));
+      }
+    }
+    let delay = unavailableDelayMs(
+      count,
+      error instanceof LLMError ? error.retryAfterMs : undefined,
+    );
+    const left = expiresAt(entryTimeMs(job.entryId)) - this.#now();
+    delay = Math.max(0, Math.min(delay, left)); // at expiry the next run gives up
+    log.warn("Job {jobId} waits {delay} ms: {reason}", { delay, reason: error.message });
+    return { retryInMs: delay, wake: fromModel ? this.#health.nextRecovery() : undefined };
+  }
+
+  #failure(job: Job, errorMessage: string, userMessage?: string): Ending {
+    return {
+      status: "failed",
+      result: null,
+      errorMessage,
+      notifications: job.userId === null ? [] : [{
+        user_id: job.userId,
+        message_type: "llm_failure",
+        content: {
+          job_type: job.jobType,
+          memory_id: memoryIdOf(job),
+          message: userMessage ?? USER_FAILURE_MESSAGES[job.jobType],
+        },
+      }],
+    };
+  }
+
+  /** Copies a malformed entry to `llm:dead`, marks its job failed when it names one, then acks. */
+  async #deadLetter(
+    item: WorkItem,
+    parsed: { reason: string; jobId?: string },
+  ): Promise<RunOutcome> {
+    const reason = `malformed job entry: ${parsed.reason}`;
+    try {
+      if (parsed.jobId) {
+        await this.#core.updateJob(parsed.jobId, { status: "failed", error_message: reason }).catch(
+          (error) => {
+            if (error instanceof CoreApiError && !error.retryable) {
+              this.#log.warn("Core refused to mark job {jobId} failed: {message}", {
+                jobId: parsed.jobId,
+                message: error.message,
+              });
+            } else throw error;
+          },
+        );
+      }
+      const results = await this.#redis.multi()
+        .xadd(
+          ...deadLetterArgs(item.stream, item.entryId, reason, item.fields) as [
+            string,
+            string,
+            ...string[],
+          ],
+        )
+        .xack(item.stream, GROUP, item.entryId)
+        .exec();
+      const failed = results?.find(([error]) => error);
+      if (!results || failed) throw failed?.[0] ?? new Error("Redis transaction was aborted");
+    } catch (error) {
+      this.#log.warn("Could not dead-letter entry {id} of {stream} yet: {message}", {
+        id: item.entryId,
+        stream: item.stream,
+        message: describeError(error),
+      });
+      return { retryInMs: 5_000 };
+    }
+    this.#release(item);
+    this.#events.deadLettered?.(item.stream, parsed.reason);
+    this.#log.warn("Entry {id} of {stream} moved to llm:dead: {reason}", {
+      id: item.entryId,
+      stream: item.stream,
+      reason: parsed.reason,
+    });
+  }
+
+  #attempt(item: WorkItem): number {
+    const record = item.record;
+    return 1 + (record?.invalidAttempts ?? 0) + (record?.unavailableAttempts ?? 0);
+  }
+}
+
+/** One plain sentence per job type for a job that gave up. */
+const USER_FAILURE_MESSAGES: Record<JobType, string> = {
+  image_tag: "Sorry, I couldn't describe and tag your photo.",
+  intent_classify: "Sorry, I couldn't understand that message; please try rephrasing it.",
+  followup: "Sorry, I couldn't come up with a follow-up question.",
+  task_match: "Sorry, I couldn't check whether your note matches one of your tasks.",
+  email_extract: "Sorry, I couldn't read the events in that email.",
+};
+
+function memoryIdOf(job: Job): string {
+  const id = job.payload.memory_id;
+  return typeof id === "string" ? id : "";
+}
+
+function isUnavailable(error: unknown): error is LLMError | CoreApiError {
+  return (error instanceof LLMError && error.kind === "unavailable") ||
+    (error instanceof CoreApiError && error.retryable);
+}

@@ -1,0 +1,174 @@
+/**
+ * The worker's own record of each job, kept in Redis (a hash `llm-worker:job:<job_id>`), so that
+ * no effect or notification happens twice and attempt counts survive a restart (CONTRACT.md
+ * section 4: Core has no way to list effects per job).
+ *
+ * Fields: `invalid` and `unavailable` (attempt counts), `told` (the user heard the model is
+ * down), `processing` (Core was told), `outbox` (notifications saved before Core's final PATCH),
+ * `fx:<key>` (the result of each once-only effect) and `done` (`completed` or `failed`, written
+ * in the same transaction as the notifications and the XACK).
+ *
+ * @module
+ */
+import type { Redis } from "ioredis";
+import type { Effects, Job } from "./handlers/types.ts";
+import { GROUP, type Notification, notificationArgs } from "./streams.ts";
+
+/** Prefix of the ledger's keys. */
+export const LEDGER_PREFIX = "llm-worker:job:";
+/** How long a record is kept after its last change: past the 14-day expiry of a job. */
+export const LEDGER_TTL_MS = 15 * 24 * 60 * 60 * 1000;
+
+/** What the ledger knows of one job. */
+export interface JobRecord {
+  /** True when Redis had any record of the job. */
+  exists: boolean;
+  /** Set once the job's end (notifications + XACK) was written. */
+  done?: "completed" | "failed";
+  /** Invalid answers so far. */
+  invalidAttempts: number;
+  /** Waits for unavailability so far. */
+  unavailableAttempts: number;
+  /** Notifications saved before the final PATCH, not yet published. */
+  outbox?: Notification[];
+  /** Results of once-only effects, by key. */
+  effects: Map<string, unknown>;
+}
+
+/**
+ * Reads and writes the job records.
+ *
+ * @example
+ * ```ts
+ * const ledger = new JobLedger(redis);
+ * const record = await ledger.load("job-1");
+ * const effects = ledger.effects("job-1", record);
+ * const memory = await effects.once("memory", () => core.createMemory(7, "hello"));
+ * ```
+ */
+export class JobLedger {
+  readonly #redis: Redis;
+
+  /** A ledger over `redis`. */
+  constructor(redis: Redis) {
+    this.#redis = redis;
+  }
+
+  /** The Redis key of a job's record. */
+  key(jobId: string): string {
+    return `${LEDGER_PREFIX}${jobId}`;
+  }
+
+  /** Loads a job's record (an empty one when there is none). */
+  async load(jobId: string): Promise<JobRecord> {
+    const hash = await this.#redis.hgetall(this.key(jobId));
+    const effects = new Map<string, unknown>();
+    for (const [field, value] of Object.entries(hash)) {
+      if (field.startsWith("fx:")) effects.set(field.slice(3), JSON.parse(value));
+    }
+    return {
+      exists: Object.keys(hash).length > 0,
+      done: hash.done === "completed" || hash.done === "failed" ? hash.done : undefined,
+      invalidAttempts: Number(hash.invalid ?? 0),
+      unavailableAttempts: Number(hash.unavailable ?? 0),
+      outbox: hash.outbox ? JSON.parse(hash.outbox) : undefined,
+      effects,
+    };
+  }
+
+  /** Once-only effects of a job, backed by its record (and cached in `record.effects`). */
+  effects(jobId: string, record: JobRecord): Effects {
+    return {
+      once: async <T>(key: string, action: () => Promise<T>): Promise<T> => {
+        if (record.effects.has(key)) return record.effects.get(key) as T;
+        const value = await action();
+        await this.#write(
+          jobId,
+          (m) => m.hset(this.key(jobId), `fx:${key}`, JSON.stringify(value ?? null)),
+        );
+        record.effects.set(key, value);
+        return value;
+      },
+    };
+  }
+
+  /** Counts one more invalid answer and returns the new count. */
+  async countInvalid(jobId: string): Promise<number> {
+    return await this.#count(jobId, "invalid");
+  }
+
+  /** Counts one more wait for unavailability and returns the new count. */
+  async countUnavailable(jobId: string): Promise<number> {
+    return await this.#count(jobId, "unavailable");
+  }
+
+  /** Sets `flag` once; true only for the caller that set it first. */
+  async setOnce(jobId: string, flag: "told" | "processing"): Promise<boolean> {
+    const results = await this.#redis.multi()
+      .hsetnx(this.key(jobId), flag, "1")
+      .pexpire(this.key(jobId), LEDGER_TTL_MS)
+      .exec();
+    return results?.[0]?.[1] === 1;
+  }
+
+  /** Saves the notifications that must follow Core's final PATCH, in case we crash between. */
+  async saveOutbox(jobId: string, notifications: Notification[]): Promise<void> {
+    await this.#write(
+      jobId,
+      (m) => m.hset(this.key(jobId), "outbox", JSON.stringify(notifications)),
+    );
+  }
+
+  /**
+   * Ends a job in one transaction: publishes its notifications, marks the record done (dropping
+   * effects and outbox) and acknowledges the entry.
+   */
+  async finish(
+    job: Job,
+    status: "completed" | "failed",
+    notifications: Notification[],
+  ): Promise<void> {
+    const key = this.key(job.jobId);
+    const multi = this.#redis.multi();
+    for (const notification of notifications) {
+      const [stream, id, field, value] = notificationArgs(notification);
+      multi.xadd(stream, id, field, value);
+    }
+    multi.del(key).hset(key, "done", status).pexpire(key, LEDGER_TTL_MS).xack(
+      job.stream,
+      GROUP,
+      job.entryId,
+    );
+    await this.#exec(multi);
+  }
+
+  /** Acknowledges an entry whose job needs nothing more. */
+  async ack(job: Pick<Job, "stream" | "entryId">): Promise<void> {
+    await this.#redis.xack(job.stream, GROUP, job.entryId);
+  }
+
+  async #count(jobId: string, field: string): Promise<number> {
+    const results = await this.#exec(
+      this.#redis.multi().hincrby(this.key(jobId), field, 1).pexpire(
+        this.key(jobId),
+        LEDGER_TTL_MS,
+      ),
+    );
+    return Number(results[0][1]);
+  }
+
+  async #write(jobId: string, add: (m: ReturnType<Redis["multi"]>) => unknown): Promise<void> {
+    const multi = this.#redis.multi();
+    add(multi);
+    multi.pexpire(this.key(jobId), LEDGER_TTL_MS);
+    await this.#exec(multi);
+  }
+
+  async #exec(multi: ReturnType<Redis["multi"]>): Promise<[Error | null, unknown][]> {
+    const results = await multi.exec();
+    if (!results) throw new Error("Redis transaction was aborted");
+    const failed = results.find(([error]) => error);
+    if (failed) throw failed[0];
+    return results;
+  }
+}
