@@ -35,7 +35,7 @@ export async function setupLogging(
 ): Promise<void> {
   const formatter = options.logFormat === "json"
     ? getJsonLinesFormatter({ properties: "flatten", message: "rendered" })
-    : getTextFormatter({ timestamp: "date-time-tz" });
+    : getTextFormatter({ timestamp: "date-time-tz", value: "bare" });
   await configure({
     reset: true,
     sinks: { console: getConsoleSink({ formatter }) },
