@@ -43,7 +43,7 @@ export interface Settings {
   workerHttpPort: number;
   /** Lowest log level written. */
   logLevel: "debug" | "info" | "warning" | "error";
-  /** Log line format. */
+  /** Log line format (`LOG_FORMAT=pretty` is read as `text`). */
   logFormat: "text" | "json";
 }
 
@@ -106,7 +106,7 @@ const schema = z.object({
   WORKER_SHUTDOWN_TIMEOUT_MS: integer(0).default(30000),
   WORKER_HTTP_PORT: integer(0, 65535).default(9464),
   LOG_LEVEL: oneOf(["debug", "info", "warning", "warn", "error"]).default("info"),
-  LOG_FORMAT: oneOf(["text", "json"]).default("text"),
+  LOG_FORMAT: oneOf(["text", "json", "pretty"]).default("text"),
 });
 
 /** The variables {@linkcode loadSettings} reads, in their canonical upper-case spelling. */
@@ -200,7 +200,7 @@ export function loadSettings(env: Record<string, string> = readEnvironment()): S
     workerShutdownTimeoutMs: v.WORKER_SHUTDOWN_TIMEOUT_MS,
     workerHttpPort: v.WORKER_HTTP_PORT,
     logLevel: v.LOG_LEVEL === "warn" ? "warning" : v.LOG_LEVEL,
-    logFormat: v.LOG_FORMAT,
+    logFormat: v.LOG_FORMAT === "pretty" ? "text" : v.LOG_FORMAT, // `pretty` is an alias
   };
 }
 

@@ -16,6 +16,8 @@ import type {
   ChatCompletionMessageParam,
 } from "openai/resources/chat/completions";
 import { sniffImageType } from "./utils.ts";
+import { type Span, SpanKind, SpanStatusCode } from "@opentelemetry/api";
+import { tracer } from "./tracing.ts";
 
 /**
  * What kind of failure an {@linkcode LLMError} is.
@@ -74,6 +76,8 @@ export interface CompletionOptions {
   signal?: AbortSignal;
   /** Overrides the client's timeout for this request (ms). */
   timeoutMs?: number;
+  /** The job type the request is for; reported in {@linkcode CompletionEvent} and the span. */
+  jobType?: string;
 }
 
 /** One model answer with what it cost. */
@@ -96,6 +100,8 @@ export interface CompletionEvent {
   outcome: "ok" | LLMErrorKind;
   /** Token counts, when the request succeeded. */
   completion?: Completion;
+  /** The job type the request was for, when the caller said. */
+  jobType?: string;
 }
 
 /** Options of {@linkcode LLMClient}. */
@@ -201,24 +207,44 @@ export class LLMClient {
         },
       };
     }
-    const started = performance.now();
-    try {
-      const response = await this.#client.chat.completions.create(body, {
-        timeout: options.timeoutMs ?? this.#textTimeoutMs,
-        signal: options.signal,
-      });
-      const completion: Completion = {
-        text: response.choices?.[0]?.message?.content ?? "",
-        promptTokens: response.usage?.prompt_tokens ?? 0,
-        completionTokens: response.usage?.completion_tokens ?? 0,
-      };
-      this.#report(model, started, "ok", completion);
-      return completion;
-    } catch (error) {
-      const failure = toLLMError(error, this.#client.baseURL);
-      this.#report(model, started, failure.kind);
-      throw failure;
-    }
+    // A span per request (OpenTelemetry semantic conventions for generative AI); the SDK's
+    // `fetch` span nests under it. Without OTEL_DENO the tracer is a no-op.
+    return await tracer.startActiveSpan(`chat ${model}`, {
+      kind: SpanKind.CLIENT,
+      attributes: {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": model,
+        ...(options.jsonSchema ? { "gen_ai.output.type": "json" } : {}),
+        ...(options.jobType ? { "llm_worker.job_type": options.jobType } : {}),
+      },
+    }, async (span: Span) => {
+      const started = performance.now();
+      try {
+        const response = await this.#client.chat.completions.create(body, {
+          timeout: options.timeoutMs ?? this.#textTimeoutMs,
+          signal: options.signal,
+        });
+        const completion: Completion = {
+          text: response.choices?.[0]?.message?.content ?? "",
+          promptTokens: response.usage?.prompt_tokens ?? 0,
+          completionTokens: response.usage?.completion_tokens ?? 0,
+        };
+        span.setAttributes({
+          "gen_ai.usage.input_tokens": completion.promptTokens,
+          "gen_ai.usage.output_tokens": completion.completionTokens,
+        });
+        this.#report(model, started, "ok", options.jobType, completion);
+        return completion;
+      } catch (error) {
+        const failure = toLLMError(error, this.#client.baseURL);
+        span.setStatus({ code: SpanStatusCode.ERROR, message: failure.message });
+        span.setAttribute("error.type", failure.kind);
+        this.#report(model, started, failure.kind, options.jobType);
+        throw failure;
+      } finally {
+        span.end();
+      }
+    });
   }
 
   /**
@@ -246,9 +272,16 @@ export class LLMClient {
     model: string,
     started: number,
     outcome: CompletionEvent["outcome"],
+    jobType?: string,
     completion?: Completion,
   ) {
-    this.#onCompletion?.({ model, durationMs: performance.now() - started, outcome, completion });
+    this.#onCompletion?.({
+      model,
+      durationMs: performance.now() - started,
+      outcome,
+      completion,
+      jobType,
+    });
   }
 }
 

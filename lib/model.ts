@@ -80,22 +80,50 @@ export interface ModelGatewayOptions {
  * ```
  */
 export class ModelGateway {
+  readonly #options: ModelGatewayOptions;
   readonly #llm: LLMClient;
   readonly #models: Record<ModelRole, string>;
-  readonly #slots: Semaphore;
+  // Shared with every view made by forJob (assigned there), hence not readonly.
+  #slots: Semaphore;
   readonly #mode: StructuredOutputMode;
   readonly #health?: ModelHealth;
   /** Models that refused `response_format: json_schema` (auto mode remembers them). */
-  readonly #noSchema = new Set<string>();
+  #noSchema = new Set<string>();
+  /** The job type this view's requests are for (metrics and traces). */
+  #jobType?: string;
   readonly #log: Logger = logger("model");
 
   /** Creates the gateway; `concurrency` slots are shared by every job. */
   constructor(options: ModelGatewayOptions) {
+    this.#options = options;
     this.#llm = options.llm;
     this.#models = options.models;
     this.#slots = new Semaphore(options.concurrency);
     this.#mode = options.structuredOutput ?? "auto";
     this.#health = options.health;
+  }
+
+  /**
+   * A view of this gateway for one job type: the same slots, health and structured-output
+   * memory, with every request labelled `jobType` in the model client's events and spans.
+   *
+   * @example
+   * ```ts
+   * const model = gateway.forJob("followup");
+   * await model.askText({ role: "text", prompt: "..." }); // reported with jobType "followup"
+   * ```
+   */
+  forJob(jobType: string): ModelGateway {
+    const view = new ModelGateway(this.#options);
+    view.#slots = this.#slots;
+    view.#noSchema = this.#noSchema;
+    view.#jobType = jobType;
+    return view;
+  }
+
+  /** The job type of this view (see {@linkcode ModelGateway.forJob}), if any. */
+  get jobType(): string | undefined {
+    return this.#jobType;
   }
 
   /** Requests in flight now. */
@@ -186,7 +214,12 @@ export class ModelGateway {
   }
 
   #call(model: string, request: TextRequest, jsonSchema?: JsonSchemaFormat): Promise<string> {
-    const options = { system: request.system, jsonSchema, signal: request.signal };
+    const options = {
+      system: request.system,
+      jsonSchema,
+      signal: request.signal,
+      jobType: this.#jobType,
+    };
     return request.image
       ? this.#llm.completeWithImage(
         model,

@@ -1,17 +1,21 @@
 /**
  * Wires one worker process together from its settings: Redis connections, the Core and model
- * clients, the model's health, the ledger and the consumer; and takes it apart again.
+ * clients, the model's health, the ledger, the consumer, the metrics and the health and metrics
+ * listener; and takes it apart again.
  *
  * @module
  */
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { redactUrl, type Settings } from "./config.ts";
 import { Consumer, type ConsumerEvents } from "./consumer.ts";
 import { CoreApiClient } from "./core_api.ts";
 import { JobLedger } from "./ledger.ts";
 import { type CompletionEvent, LLMClient } from "./llm.ts";
+import { type HttpServer, type Readiness, startHttpServer } from "./http.ts";
 import { describeError, logger } from "./log.ts";
+import { WorkerMetrics } from "./metrics.ts";
 import { ModelGateway, ModelHealth } from "./model.ts";
+import { closeRedis, createRedis } from "./redis.ts";
 import { GROUP, JOB_STREAMS } from "./streams.ts";
 
 /** Options of {@linkcode createWorker} besides the settings. */
@@ -24,6 +28,8 @@ export interface WorkerOptions {
   onModelAvailability?: (available: boolean) => void;
   /** The `fetch` for Core and the model (tracing, tests). */
   fetch?: typeof fetch;
+  /** Start the health and metrics listener on `WORKER_HTTP_PORT` (default true). */
+  http?: boolean;
 }
 
 /** A wired worker. */
@@ -40,7 +46,13 @@ export interface Worker {
   health: ModelHealth;
   /** The model gateway. */
   model: ModelGateway;
-  /** Starts consuming. */
+  /** The worker's Prometheus metrics. */
+  metrics: WorkerMetrics;
+  /** The health and metrics listener, once started (none with `http: false`). */
+  readonly http: HttpServer | undefined;
+  /** What `/readyz` answers now. */
+  readiness(): Readiness;
+  /** Starts the listener, connects, starts consuming and logs one line saying so. */
   start(): Promise<void>;
   /** Stops consuming (graceful drain) and closes every connection. Idempotent. */
   close(): Promise<void>;
@@ -58,15 +70,9 @@ export interface Worker {
  */
 export function createWorker(settings: Settings, options: WorkerOptions = {}): Worker {
   const log = logger("worker");
-  const redisOptions = {
-    lazyConnect: true,
-    protocol: 2 as const, // RESP2: the classic reply shapes, and any Redis answers it
-    maxRetriesPerRequest: null, // commands wait for a reconnect instead of failing
-    connectionName: settings.workerConsumerName,
-    retryStrategy: (times: number) => Math.min(times * 200, 2_000),
-  };
-  const redis = new Redis(settings.redisUrl, { ...redisOptions, enableAutoPipelining: true });
-  const reader = new Redis(settings.redisUrl, redisOptions);
+  const connectionName = settings.workerConsumerName;
+  const redis = createRedis(settings.redisUrl, { connectionName, autoPipelining: true });
+  const reader = createRedis(settings.redisUrl, { connectionName });
   let lastRedisError = 0;
   for (const connection of [redis, reader]) {
     connection.on("error", (error: Error) => {
@@ -78,10 +84,20 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
       });
     });
   }
+  const metrics: WorkerMetrics = new WorkerMetrics({
+    jobsInFlight: () => consumer.inFlight,
+    jobsHeld: () => consumer.held,
+    modelRequestsInFlight: () => model.inFlight,
+    modelAvailable: () => health.available,
+    redis,
+  });
   const llm = new LLMClient({
     baseUrl: settings.llmBaseUrl,
     apiKey: settings.llmApiKey,
-    onCompletion: options.onCompletion,
+    onCompletion: (event) => {
+      metrics.onCompletion(event);
+      options.onCompletion?.(event);
+    },
     fetch: options.fetch,
   });
   const health = new ModelHealth({
@@ -96,7 +112,7 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     health,
   });
   const core = new CoreApiClient({ baseUrl: settings.coreApiUrl, fetch: options.fetch });
-  const consumer = new Consumer({
+  const consumer: Consumer = new Consumer({
     settings,
     redis,
     reader,
@@ -104,8 +120,27 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     core,
     model,
     health,
-    events: options.events,
+    events: combineEvents(metrics.events, options.events),
   });
+  const readiness = (): Readiness => {
+    if (!consumer.running) {
+      return {
+        ready: false,
+        reason: closed ? "the worker is stopping" : "the consumer is not running",
+      };
+    }
+    const down = [redis, reader].find((c) => c.status !== "ready");
+    if (down) {
+      return {
+        ready: false,
+        reason: `Redis at ${
+          redactUrl(settings.redisUrl)
+        } is not reachable (connection ${down.status})`,
+      };
+    }
+    return { ready: true };
+  };
+  let http: HttpServer | undefined;
   let closed: Promise<void> | undefined;
   return {
     settings,
@@ -114,11 +149,28 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     llm,
     health,
     model,
+    metrics,
+    get http() {
+      return http;
+    },
+    readiness,
     async start() {
+      if (options.http !== false) {
+        http = startHttpServer({
+          port: settings.workerHttpPort,
+          readiness,
+          metrics: async () => ({
+            contentType: metrics.contentType,
+            body: await metrics.metrics(),
+          }),
+        });
+      }
+      const probe = probeModel(llm);
       await Promise.all([redis.connect(), reader.connect()]);
       await consumer.start();
+      const modelProblem = await probe;
       log.info(
-        "LLM worker {consumer} reading {streams} in group {group}: concurrency {concurrency}, text model {textModel}, vision model {visionModel} at {baseUrl}.",
+        "LLM worker {consumer} started: reading {streams} in group {group}, concurrency {concurrency}, text model {textModel}, vision model {visionModel} at {baseUrl} ({modelStatus}); health and metrics {httpStatus}.",
         {
           consumer: settings.workerConsumerName,
           streams: JOB_STREAMS.join(", "),
@@ -127,6 +179,12 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
           textModel: settings.llmTextModel,
           visionModel: settings.llmVisionModel,
           baseUrl: settings.llmBaseUrl,
+          modelStatus: modelProblem === undefined
+            ? "the model server answered"
+            : `the model server did not answer: ${modelProblem} Jobs wait until it does`,
+          modelAnswered: modelProblem === undefined,
+          httpStatus: http ? `on port ${http.port}` : "listener off",
+          httpPort: http?.port ?? null,
         },
       );
     },
@@ -135,14 +193,30 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
         await consumer.stop();
         await health.close();
         llm.close();
-        // QUIT lets replies in flight arrive; disconnect when Redis is away.
-        await Promise.all(
-          [redis, reader].map((c) =>
-            c.status === "ready" ? c.quit().catch(() => c.disconnect()) : c.disconnect()
-          ),
-        );
+        await Promise.all([redis, reader].map(closeRedis));
+        await http?.close();
       })();
       return closed;
     },
   };
+}
+
+/** One set of consumer observers that calls each of `all` in turn. */
+function combineEvents(...all: Array<ConsumerEvents | undefined>): ConsumerEvents {
+  const list = all.filter((events): events is ConsumerEvents => events !== undefined);
+  return {
+    jobStarted: (job, attempt) => list.forEach((e) => e.jobStarted?.(job, attempt)),
+    jobEnded: (job, outcome, ms) => list.forEach((e) => e.jobEnded?.(job, outcome, ms)),
+    deadLettered: (stream, reason) => list.forEach((e) => e.deadLettered?.(stream, reason)),
+  };
+}
+
+/** Asks the model server once; resolves with why it did not answer, or `undefined` when it did. */
+async function probeModel(llm: LLMClient): Promise<string | undefined> {
+  try {
+    await llm.probe();
+    return undefined;
+  } catch (error) {
+    return describeError(error);
+  }
 }
