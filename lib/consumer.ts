@@ -19,14 +19,14 @@ import { sleep } from "./utils.ts";
 import type { ModelGateway, ModelHealth } from "./model.ts";
 import { entryTimeMs, expiresAt, RetryTracker, unavailableDelayMs } from "./retry.ts";
 import { JobScheduler, type RunOutcome } from "./scheduler.ts";
+import { traceJob } from "./tracing.ts";
 import {
   compareEntryIds,
-  deadLetterArgs,
   ensureGroups,
   GROUP,
   JOB_STREAMS,
+  moveToDead,
   type Notification,
-  notificationArgs,
   type ParsedEntry,
   parseEntry,
 } from "./streams.ts";
@@ -132,6 +132,8 @@ export class Consumer {
   readonly #tracker: RetryTracker;
   /** Entries held in memory, by `stream id`. */
   readonly #held = new Map<string, WorkItem>();
+  /** Entries read but not handed to the scheduler yet (see `#readLoop`); ours all the same. */
+  #staged: WorkItem[] = [];
   /** The most entries held in memory at once. */
   readonly #maxHeld: number;
   /** Aborted when the consumer starts stopping: the reader and the waits end. */
@@ -184,9 +186,9 @@ export class Consumer {
     return this.#scheduler.running;
   }
 
-  /** Entries held in memory (queued, running or waiting for a retry). */
+  /** Entries held in memory (read and not yet handed over, queued, running or waiting). */
   get held(): number {
-    return this.#scheduler.held;
+    return this.#scheduler.held + this.#staged.length;
   }
 
   /**
@@ -223,7 +225,14 @@ export class Consumer {
     });
     this.#stopping.abort(new Error("the worker is stopping"));
     const left = this.#scheduler.stop();
-    await Promise.allSettled(this.#loops);
+    // A read in flight returns within blockMs; with Redis away it would wait for ever, so don't
+    // wait for it longer than that (closing the connection ends it).
+    const giveUp = new AbortController();
+    await Promise.race([
+      Promise.allSettled(this.#loops),
+      sleep(this.#blockMs + 1_000, giveUp.signal).catch(() => {}),
+    ]);
+    giveUp.abort();
     this.#running = false;
     if (!await this.#scheduler.drain(this.#s.workerShutdownTimeoutMs)) {
       this.#log.warn(
@@ -245,42 +254,55 @@ export class Consumer {
   async #readLoop(): Promise<void> {
     const signal = this.#stopping.signal;
     await this.#recoverOwnPending();
-    await this.#claimStalled();
-    let staged: WorkItem[] = [];
-    let truncated: string[] = [];
+    // Redis lost and back during this first claim (NOGROUP): the periodic claim tries again.
+    await this.#claimStalled().catch((error) => {
+      if (!signal.aborted) return this.#onRedisError(error);
+    });
+    // A user's jobs run in entry-id order across all streams. A stream whose read filled its
+    // COUNT may hold entries older than those read from another stream: entries past the oldest
+    // such stream's last id ("frontier") are staged until that stream is read further.
+    /** Streams whose last read filled its COUNT, with the last id read from each. */
+    const ahead = new Map<string, string>();
+    // A busy worker reads in batches, once a quarter of its room is free: one read and one sort
+    // then serve many jobs instead of one (an idle worker reads at once).
+    const batch = Math.max(1, Math.floor(this.#maxHeld / 4));
     while (!signal.aborted) {
       try {
         await this.#health.untilAvailable(signal);
-        await this.#scheduler.whenHeldBelow(Math.max(1, this.#maxHeld - staged.length), signal);
-        const room = Math.max(1, this.#maxHeld - this.#scheduler.held - staged.length);
-        const streams = staged.length > 0 ? truncated : this.#streams;
+        await this.#scheduler.whenHeldBelow(this.#maxHeld - batch + 1, signal);
+        const room = Math.max(1, this.#maxHeld - this.#scheduler.held);
+        let frontier = oldestOf(ahead.values());
+        // Only the streams that hold the frontier back are read while entries are staged; the
+        // others are ahead of it already.
+        const streams = frontier === undefined
+          ? this.#streams
+          : [...ahead].filter(([, last]) => last === frontier).map(([stream]) => stream);
         const reply = await this.#xreadgroup(
           streams,
           ">",
           room,
-          staged.length > 0 ? undefined : this.#blockMs,
+          frontier === undefined ? this.#blockMs : undefined,
         );
         if (signal.aborted) break; // entries read now stay pending for recovery
-        // A user's jobs run in entry-id order across all streams. A stream that filled its COUNT
-        // may hold older entries than another stream's: those wait for the next read.
-        let frontier: string | undefined;
-        truncated = [];
-        const items = [...staged];
+        for (const stream of streams) ahead.delete(stream);
+        const items = this.#staged;
         for (const [stream, entries] of reply) {
-          if (entries.length >= room) {
-            truncated.push(stream);
-            const last = entries[entries.length - 1][0];
-            if (!frontier || compareEntryIds(last, frontier) < 0) frontier = last;
-          }
+          if (entries.length >= room) ahead.set(stream, entries[entries.length - 1][0]);
           for (const [id, fields] of entries) items.push(this.#item(stream, id, fields, false));
         }
         items.sort((a, b) => compareEntryIds(a.entryId, b.entryId));
-        staged = frontier
-          ? items.filter((item) => compareEntryIds(item.entryId, frontier) > 0)
-          : [];
-        for (const item of items) {
-          if (!frontier || compareEntryIds(item.entryId, frontier) <= 0) this.#admit(item);
+        frontier = oldestOf(ahead.values());
+        let admitted = items.length;
+        if (frontier !== undefined) {
+          admitted = 0;
+          while (
+            admitted < items.length && compareEntryIds(items[admitted].entryId, frontier) <= 0
+          ) {
+            admitted++;
+          }
         }
+        this.#staged = items.slice(admitted);
+        for (let i = 0; i < admitted; i++) this.#admit(items[i]);
       } catch (error) {
         if (signal.aborted) break;
         await this.#onRedisError(error);
@@ -343,8 +365,10 @@ export class Consumer {
   /** Resets the idle time of the entries this consumer holds, so no replica claims them. */
   async #heartbeat(): Promise<void> {
     const byStream = new Map<string, string[]>();
-    for (const item of this.#held.values()) {
-      byStream.set(item.stream, [...byStream.get(item.stream) ?? [], item.entryId]);
+    for (const item of [...this.#held.values(), ...this.#staged]) {
+      const ids = byStream.get(item.stream) ?? [];
+      ids.push(item.entryId);
+      byStream.set(item.stream, ids);
     }
     for (const [stream, ids] of byStream) {
       const pending = await this.#redis.xpending(
@@ -453,7 +477,7 @@ export class Consumer {
     const started = performance.now();
     let outcome: JobOutcome = "abandoned";
     try {
-      const result = await this.#runJob(item, job);
+      const result = await traceJob(job, () => this.#runJob(item, job));
       outcome = result.outcome;
       if (outcome === "completed" || outcome === "failed" || outcome === "skipped") {
         this.#release(item);
@@ -476,7 +500,7 @@ export class Consumer {
       this.#events.jobEnded?.(job, outcome, durationMs);
       const level = outcome === "failed" ? "warn" : "info";
       this.#log[level](
-        "Job {jobId} ({jobType}) for user {userId} ended: {outcome} in {durationMs} ms.",
+        "Job {jobId} ({jobType}) for user {userId} ended: {outcome} in {durationMs} ms (attempt {attempt}).",
         {
           jobId: job.jobId,
           jobType: job.jobType,
@@ -544,7 +568,7 @@ export class Consumer {
       result = await handler.run({
         job,
         core: this.#core,
-        model: this.#model,
+        model: this.#model.forJob(job.jobType),
         effects: item.effects!,
         settings: this.#s,
         now: () => new Date(this.#now()),
@@ -679,8 +703,10 @@ export class Consumer {
           })
         );
       }
-      if (job.userId !== null && await this.#ledger.setOnce(job.jobId, "told")) {
-        await this.#redis.xadd(...notificationArgs({
+      if (job.userId !== null) {
+        // The flag and the notice in one step: a retry, or a command sent again after a lost
+        // connection, never tells the user twice.
+        await this.#ledger.notifyOnce(job.jobId, "told", {
           user_id: job.userId,
           message_type: "llm_failure",
           content: {
@@ -689,7 +715,7 @@ export class Consumer {
             message:
               "The assistant's language model is unavailable right now; your request is saved and will run when it is back.",
           },
-        }));
+        });
       }
     }
     let delay = unavailableDelayMs(
@@ -738,18 +764,7 @@ export class Consumer {
           },
         );
       }
-      const results = await this.#redis.multi()
-        .xadd(
-          ...deadLetterArgs(item.stream, item.entryId, reason, item.fields) as [
-            string,
-            string,
-            ...string[],
-          ],
-        )
-        .xack(item.stream, GROUP, item.entryId)
-        .exec();
-      const failed = results?.find(([error]) => error);
-      if (!results || failed) throw failed?.[0] ?? new Error("Redis transaction was aborted");
+      await moveToDead(this.#redis, item.stream, item.entryId, reason, item.fields);
     } catch (error) {
       this.#log.warn("Could not dead-letter entry {id} of {stream} yet: {message}", {
         id: item.entryId,
@@ -781,6 +796,13 @@ const USER_FAILURE_MESSAGES: Record<JobType, string> = {
   task_match: "Sorry, I couldn't check whether your note matches one of your tasks.",
   email_extract: "Sorry, I couldn't read the events in that email.",
 };
+
+/** The oldest of some entry ids (`undefined` for none). */
+function oldestOf(ids: Iterable<string>): string | undefined {
+  let oldest: string | undefined;
+  for (const id of ids) if (oldest === undefined || compareEntryIds(id, oldest) < 0) oldest = id;
+  return oldest;
+}
 
 function memoryIdOf(job: Job): string {
   const id = job.payload.memory_id;

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { sleep } from "./utils.ts";
 
 /** Job statuses in Core. */
 export type JobStatus = "queued" | "processing" | "completed" | "failed";
@@ -138,6 +139,12 @@ export interface CoreApiClientOptions {
   timeoutMs?: number;
   /** The `fetch` to use (tests, tracing). */
   fetch?: typeof fetch;
+  /**
+   * Waits before each quick retry of a call that met a passing failure (refused connection, 429,
+   * 502, 503, 504): default 100 ms then 400 ms. `[]` turns quick retries off. A call that still
+   * fails throws, and the job waits on the retry schedule of CONTRACT.md section 4.
+   */
+  retryDelaysMs?: readonly number[];
 }
 
 /**
@@ -154,12 +161,14 @@ export class CoreApiClient {
   readonly #base: string;
   readonly #timeoutMs: number;
   readonly #fetch: typeof fetch;
+  readonly #retryDelaysMs: readonly number[];
 
   /** Creates a client; nothing is sent until the first call. */
   constructor(options: CoreApiClientOptions) {
     this.#base = options.baseUrl.replace(/\/+$/, "");
     this.#timeoutMs = options.timeoutMs ?? 10_000;
     this.#fetch = options.fetch ?? fetch;
+    this.#retryDelaysMs = options.retryDelaysMs ?? [100, 400];
   }
 
   /** `GET /llm_jobs/{id}`. */
@@ -215,7 +224,28 @@ export class CoreApiClient {
     return this.#call("GET", `/settings/${enc(String(userId))}`, { signal });
   }
 
+  /**
+   * One call, tried again after a short wait when it met a passing failure: a Core that refuses
+   * one call in three must not push jobs onto the slow retry schedule (whose waits grow to 30
+   * minutes). Timeouts are not tried again here: the call already took `timeoutMs`.
+   */
   async #call<T>(
+    method: string,
+    path: string,
+    options: { body?: unknown; signal?: AbortSignal },
+  ): Promise<T> {
+    for (let attempt = 0;; attempt++) {
+      try {
+        return await this.#callOnce<T>(method, path, options);
+      } catch (error) {
+        const delay = this.#retryDelaysMs[attempt];
+        if (delay === undefined || !isPassing(error)) throw error;
+        await sleep(delay, options.signal);
+      }
+    }
+  }
+
+  async #callOnce<T>(
     method: string,
     path: string,
     options: { body?: unknown; signal?: AbortSignal },
@@ -259,6 +289,13 @@ export class CoreApiClient {
       );
     }
   }
+}
+
+/** A failure worth a quick second try: refused or reset connection, 429, 502, 503, 504. */
+function isPassing(error: unknown): boolean {
+  if (!(error instanceof CoreApiError)) return false;
+  if (error.status === 0) return !error.body.startsWith("no answer within");
+  return [429, 502, 503, 504].includes(error.status);
 }
 
 function enc(segment: string): string {

@@ -6,18 +6,38 @@
  * Fields: `invalid` and `unavailable` (attempt counts), `told` (the user heard the model is
  * down), `processing` (Core was told), `outbox` (notifications saved before Core's final PATCH),
  * `fx:<key>` (the result of each once-only effect) and `done` (`completed` or `failed`, written
- * in the same transaction as the notifications and the XACK).
+ * in the same script as the notifications and the XACK).
  *
  * @module
  */
 import type { Redis } from "ioredis";
 import type { Effects, Job } from "./handlers/types.ts";
-import { GROUP, type Notification, notificationArgs } from "./streams.ts";
+import { GROUP, type Notification, notificationArgs, NOTIFY_STREAM } from "./streams.ts";
 
 /** Prefix of the ledger's keys. */
 export const LEDGER_PREFIX = "llm-worker:job:";
 /** How long a record is kept after its last change: past the 14-day expiry of a job. */
 export const LEDGER_TTL_MS = 15 * 24 * 60 * 60 * 1000;
+
+/**
+ * `finish`: KEYS = job stream, record, notification stream; ARGV = group, entry id, status, TTL,
+ * notification payloads. The XACK's answer says whether the entry was still pending: only then
+ * is anything published.
+ */
+const FINISH_SCRIPT = `
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+for i = 5, #ARGV do redis.call('XADD', KEYS[3], '*', 'data', ARGV[i]) end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'done', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1`;
+
+/** `notifyOnce`: KEYS = record, notification stream; ARGV = flag, TTL, payload. */
+const NOTIFY_ONCE_SCRIPT = `
+if redis.call('HSETNX', KEYS[1], ARGV[1], '1') == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'data', ARGV[3])
+return 1`;
 
 /** What the ledger knows of one job. */
 export interface JobRecord {
@@ -120,26 +140,49 @@ export class JobLedger {
   }
 
   /**
-   * Ends a job in one transaction: publishes its notifications, marks the record done (dropping
-   * effects and outbox) and acknowledges the entry.
+   * Ends a job atomically: acknowledges the entry and, only when the entry was still pending,
+   * publishes its notifications and marks the record done (dropping effects and outbox).
+   *
+   * Sending it twice does nothing the second time: after a lost connection the Redis client
+   * sends again what got no answer, and a retry of a job whose end was written but not
+   * confirmed must not notify the user twice. Resolves with whether this call ended the entry.
    */
   async finish(
     job: Job,
     status: "completed" | "failed",
     notifications: Notification[],
-  ): Promise<void> {
-    const key = this.key(job.jobId);
-    const multi = this.#redis.multi();
-    for (const notification of notifications) {
-      const [stream, id, field, value] = notificationArgs(notification);
-      multi.xadd(stream, id, field, value);
-    }
-    multi.del(key).hset(key, "done", status).pexpire(key, LEDGER_TTL_MS).xack(
+  ): Promise<boolean> {
+    const payloads = notifications.map((notification) => notificationArgs(notification)[3]);
+    const ended = await this.#redis.eval(
+      FINISH_SCRIPT,
+      3,
       job.stream,
+      this.key(job.jobId),
+      NOTIFY_STREAM,
       GROUP,
       job.entryId,
+      status,
+      LEDGER_TTL_MS,
+      ...payloads,
     );
-    await this.#exec(multi);
+    return ended === 1;
+  }
+
+  /**
+   * Publishes `notification` and sets `flag` in one step, unless `flag` was set before; true when
+   * this call published it. Sending it twice publishes once.
+   */
+  async notifyOnce(jobId: string, flag: "told", notification: Notification): Promise<boolean> {
+    const sent = await this.#redis.eval(
+      NOTIFY_ONCE_SCRIPT,
+      2,
+      this.key(jobId),
+      NOTIFY_STREAM,
+      flag,
+      LEDGER_TTL_MS,
+      notificationArgs(notification)[3],
+    );
+    return sent === 1;
   }
 
   /** Acknowledges an entry whose job needs nothing more. */

@@ -91,9 +91,10 @@ export class JobScheduler<T extends Schedulable> {
       this.#ready.push(item);
     } else if (this.#busyUsers.has(user)) {
       const queue = this.#queues.get(user) ?? [];
-      const at = queue.findIndex((queued) => compareEntryIds(item.entryId, queued.entryId) < 0);
-      if (at === -1) queue.push(item);
-      else queue.splice(at, 0, item);
+      // Entries mostly come in order: look for the place from the end.
+      let at = queue.length;
+      while (at > 0 && compareEntryIds(item.entryId, queue[at - 1].entryId) < 0) at--;
+      queue.splice(at, 0, item);
       this.#queues.set(user, queue);
     } else {
       this.#busyUsers.add(user);

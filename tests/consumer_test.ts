@@ -587,3 +587,13 @@ Deno.test("structured output: auto falls back once per model when the server ref
     "none",
   ]);
 });
+
+Deno.test("stopping while Redis is away still returns", async () => {
+  await using stack = await startStack();
+  const worker = await stack.startWorker({ WORKER_SHUTDOWN_TIMEOUT_MS: "500" });
+  await stack.redis.kill();
+  const started = performance.now();
+  await worker.close();
+  assert.ok(performance.now() - started < 10_000, "close did not hang on the dead connection");
+  assert.equal(worker.consumer.running, false);
+});

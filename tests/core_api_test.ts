@@ -329,3 +329,47 @@ Deno.test("a long error body is shortened", async () => {
   const error = await coreFailure(client.getJob("j"));
   assert.ok(error.body.length <= 301, `body length ${error.body.length}`);
 });
+
+Deno.test("a passing 503 is tried again at once: one call in three failing stays invisible", async () => {
+  let calls = 0;
+  await using server = startServer(() =>
+    ++calls % 3 === 1 ? new Response("busy", { status: 503 }) : Response.json({ timezone: "UTC" })
+  );
+  const client = new CoreApiClient({ baseUrl: server.url, retryDelaysMs: [1, 1] });
+  assert.equal((await client.getSettings(1)).timezone, "UTC");
+  assert.deepEqual(server.seen.map((r) => r.path), ["/settings/1", "/settings/1"]);
+});
+
+Deno.test("quick retries give up after the last delay and throw the last failure", async () => {
+  await using server = startServer(() => new Response("overloaded", { status: 502 }));
+  const client = new CoreApiClient({ baseUrl: server.url, retryDelaysMs: [1, 1] });
+  const error = await coreFailure(client.createMemory(1, "x"));
+  assert.equal(error.status, 502);
+  assert.equal(server.seen.length, 3);
+});
+
+Deno.test("a 500, a 4xx and a timeout are not tried again quickly", async () => {
+  let status = 500;
+  await using server = startServer(async () => {
+    if (status === 0) await new Promise((resolve) => setTimeout(resolve, 300));
+    return new Response("no", { status: status || 200 });
+  });
+  const client = new CoreApiClient({ baseUrl: server.url, retryDelaysMs: [1, 1], timeoutMs: 50 });
+  await coreFailure(client.getJob("j"));
+  status = 404;
+  await coreFailure(client.getJob("j"));
+  status = 0;
+  assert.equal((await coreFailure(client.getJob("j"))).status, 0);
+  assert.equal(server.seen.length, 3);
+});
+
+Deno.test("the caller's abort signal ends the wait between quick retries", async () => {
+  await using server = startServer(() => new Response("busy", { status: 503 }));
+  const client = new CoreApiClient({ baseUrl: server.url, retryDelaysMs: [60_000] });
+  const controller = new AbortController();
+  const reason = new Error("stopping");
+  const pending = client.getJob("j", controller.signal);
+  setTimeout(() => controller.abort(reason), 50);
+  await assert.rejects(pending, (error) => error === reason);
+  assert.equal(server.seen.length, 1);
+});

@@ -24,7 +24,7 @@
  *
  * @module
  */
-import { convert } from "html-to-text";
+import { compile as compileHtmlToText } from "html-to-text";
 import { z } from "zod";
 import { CoreApiError } from "../core_api.ts";
 import { JobFailedError } from "../errors.ts";
@@ -83,30 +83,37 @@ export function isForwarded(subject: string, body: string): boolean {
   return FORWARD_SUBJECT.test(subject) || FORWARD_MARKER.test(body);
 }
 
+/** The HTML converter, built on first use: compiling the options costs more than converting. */
+let htmlConverter: ((html: string) => string) | undefined;
+
 /** HTML to plain text: no images, no link URLs, no styles or scripts, no wrapping. */
 export function htmlToText(html: string): string {
-  const block = { format: "block", options: { leadingLineBreaks: 1, trailingLineBreaks: 1 } };
-  return convert(html, {
-    wordwrap: false,
-    selectors: [
-      { selector: "a", options: { ignoreHref: true } },
-      { selector: "img", format: "skip" },
-      { selector: "style", format: "skip" },
-      { selector: "script", format: "skip" },
-      { selector: "head", format: "skip" },
-      { selector: "title", format: "skip" },
-      // Email layouts are tables: one cell per line reads better than aligned columns.
-      { selector: "table", ...block },
-      { selector: "tr", ...block },
-      { selector: "td", ...block },
-      { selector: "th", ...block },
-      ...["h1", "h2", "h3", "h4", "h5", "h6"].map((selector) => ({
-        selector,
-        options: { uppercase: false },
-      })),
-    ],
-  });
+  htmlConverter ??= compileHtmlToText(HTML_TO_TEXT_OPTIONS);
+  return htmlConverter(html);
 }
+
+const BLOCK = { format: "block", options: { leadingLineBreaks: 1, trailingLineBreaks: 1 } };
+
+const HTML_TO_TEXT_OPTIONS = {
+  wordwrap: false as const,
+  selectors: [
+    { selector: "a", options: { ignoreHref: true } },
+    { selector: "img", format: "skip" },
+    { selector: "style", format: "skip" },
+    { selector: "script", format: "skip" },
+    { selector: "head", format: "skip" },
+    { selector: "title", format: "skip" },
+    // Email layouts are tables: one cell per line reads better than aligned columns.
+    { selector: "table", ...BLOCK },
+    { selector: "tr", ...BLOCK },
+    { selector: "td", ...BLOCK },
+    { selector: "th", ...BLOCK },
+    ...["h1", "h2", "h3", "h4", "h5", "h6"].map((selector) => ({
+      selector,
+      options: { uppercase: false },
+    })),
+  ],
+};
 
 /**
  * Drops a reply's quoted history: `>` lines, an `On … wrote:` line (and everything below it when

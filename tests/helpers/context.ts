@@ -72,7 +72,8 @@ export function makeContext(options: ContextOptions): TestContext {
   const llm = new LLMClient({ baseUrl: settings.llmBaseUrl, apiKey: settings.llmApiKey });
   const ctx: JobContext = {
     job,
-    core: new CoreApiClient({ baseUrl: settings.coreApiUrl, timeoutMs: 5_000 }),
+    // No quick retries: a handler test sees each refusal of Core it injects.
+    core: new CoreApiClient({ baseUrl: settings.coreApiUrl, timeoutMs: 5_000, retryDelaysMs: [] }),
     model: new ModelGateway({
       llm,
       models: { text: settings.llmTextModel, vision: settings.llmVisionModel },

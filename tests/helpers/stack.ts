@@ -4,7 +4,8 @@
  *
  * @module
  */
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
+import { closeRedis, createRedis } from "../../lib/redis.ts";
 import { loadSettings, type Settings } from "../../lib/config.ts";
 import type { JobType } from "../../lib/handlers/types.ts";
 import { DEAD_STREAM, NOTIFY_STREAM, STREAM_OF } from "../../lib/streams.ts";
@@ -106,7 +107,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
   const model = startModelServer(options.reply ?? defaultReply);
   const core = startCoreEmulator();
   const imageDir = await Deno.makeTempDir({ prefix: "llm-worker-images-" });
-  const client = new Redis(redis.url, { maxRetriesPerRequest: null, protocol: 2 });
+  const client = createRedis(redis.url, { eager: true });
   client.on("error", () => {}); // tests restart Redis on purpose
   const workers: Worker[] = [];
 
@@ -198,7 +199,7 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
       ),
     async close() {
       await Promise.all(workers.map((w) => w.close()));
-      client.disconnect();
+      await closeRedis(client);
       await model.close();
       await core.close();
       await redis.close();
