@@ -1,21 +1,42 @@
-# The LLM worker. A later issue turns this into a multi-stage build.
-FROM denoland/deno:2.9.6
+# The LLM worker of Life Organiser.
+#
+#   docker build -t llm-worker .              # the runtime image (last stage)
+#   docker build --target test .              # runs the test suite as CI does (.ci/run)
+#
+# The build stage installs the locked dependencies and bundles the worker into one file
+# (`deno task bundle`); the runtime image holds only that file and runs it as the image's
+# non-root `deno` user, with the permissions of `deno task start`.
 
+FROM denoland/deno:2.9.6 AS build
 WORKDIR /app
-# The image's non-root user owns the app folder, so dependencies install and run as that user.
-RUN chown deno:deno /app
+# Dependencies first, from the lockfile only: this layer is rebuilt only when they change.
+COPY deno.json deno.lock ./
+RUN deno install --frozen
+COPY . .
+RUN deno task bundle
+
+# `docker build --target test .`: the same commands as CI (.ci/run installs redis-server, then
+# runs `deno install --frozen` and `deno task test`).
+FROM build AS test
+RUN CI=true bash .ci/run
+
+FROM denoland/deno:2.9.6 AS runtime
+WORKDIR /app
+COPY --from=build --chown=deno:deno /app/dist/llm-worker.bundle.js ./llm-worker.js
 USER deno
 
-# Dependencies first, from the lockfile only: this layer is rebuilt only when they change.
-COPY --chown=deno:deno deno.json deno.lock ./
-RUN deno install --frozen
-
-COPY --chown=deno:deno . .
-RUN deno cache main.ts
-
-# Shared with Core: the images to tag (IMAGE_STORAGE_PATH).
+ENV IMAGE_STORAGE_PATH=/data/images \
+    WORKER_HTTP_PORT=9464
+# Shared with Core: the images to tag (IMAGE_STORAGE_PATH); the worker only reads it.
 VOLUME /data/images
-# Health and metrics (WORKER_HTTP_PORT).
+# Health and metrics (WORKER_HTTP_PORT): /healthz, /readyz, /metrics.
 EXPOSE 9464
 
-CMD ["task", "start"]
+# The image has no curl: Deno itself asks /healthz.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["deno", "eval", "const r = await fetch(`http://127.0.0.1:${Deno.env.get('WORKER_HTTP_PORT') || '9464'}/healthz`).catch(() => null); Deno.exit(r?.ok ? 0 : 1);"]
+
+# SIGTERM drains jobs in flight for up to WORKER_SHUTDOWN_TIMEOUT_MS (default 30 s): give the
+# container at least that long to stop (compose: stop_grace_period; Kubernetes:
+# terminationGracePeriodSeconds).
+CMD ["run", "--no-config", "--allow-net", "--allow-env", "--allow-read", "--allow-sys=hostname", "llm-worker.js"]

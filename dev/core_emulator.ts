@@ -4,6 +4,15 @@
  * the demo, tests and benchmarks. It is NOT Core: it keeps everything in memory and forgets it
  * when it stops.
  *
+ * Every answer carries the header `x-core-emulator: true`. Emulator-only routes, which Core does
+ * not have, live under `/_emulator/` and are not recorded in the request log:
+ *
+ * - `GET /_emulator/state`: everything stored (jobs, memories, events, tasks, settings).
+ * - `POST /_emulator/memories` `{"owner_user_id", "content"?, "media_type"?, "id"?, "tags"?}`:
+ *   adds a memory (201).
+ * - `POST /_emulator/tasks` `{"owner_user_id", "description", "id"?, "state"?, "due_at"?}`:
+ *   adds a task (201).
+ *
  * @module
  */
 
@@ -390,12 +399,59 @@ export function startCoreEmulator(options: CoreEmulatorOptions = {}): CoreEmulat
     return notFound(`Route ${method} ${path}`);
   };
 
+  /** Adds `x-core-emulator: true`, so tools can tell the emulator from Core. */
+  const marked = (response: Response): Response => {
+    try {
+      response.headers.set("x-core-emulator", "true");
+    } catch {
+      // immutable headers (a fault hook's own Response): left as they are
+    }
+    return response;
+  };
+
+  /** The routes Core does not have, for people and tools driving the emulator. */
+  const emulatorRoute = (method: string, path: string, text: string): Response => {
+    let b: Record<string, unknown> = {};
+    try {
+      b = text ? JSON.parse(text) : {};
+    } catch {
+      return invalid([{ loc: ["body"], msg: "JSON decode error", type: "json_invalid" }]);
+    }
+    if (method === "GET" && path === "/_emulator/state") {
+      return Response.json({
+        jobs: [...state.jobs.values()],
+        memories: [...state.memories.values()],
+        events: [...state.events.values()],
+        tasks: [...state.tasks.values()],
+        settings: [...state.settings.values()],
+      });
+    }
+    if (method === "POST" && (path === "/_emulator/memories" || path === "/_emulator/tasks")) {
+      if (typeof b.owner_user_id !== "number") return invalid([missing("owner_user_id")]);
+      if (path === "/_emulator/tasks") {
+        if (typeof b.description !== "string") return invalid([missing("description")]);
+        return Response.json(
+          api.seedTask(b as Parameters<CoreEmulator["seedTask"]>[0]),
+          { status: 201 },
+        );
+      }
+      return Response.json(
+        api.seedMemory(b as Parameters<CoreEmulator["seedMemory"]>[0]),
+        { status: 201 },
+      );
+    }
+    return notFound(`Emulator route ${method} ${path}`);
+  };
+
   const server = Deno.serve(
     { hostname: "127.0.0.1", port: options.port ?? 0, onListen: () => {} },
     async (req) => {
       const url = new URL(req.url);
       const text = req.method === "POST" || req.method === "PATCH" ? await req.text() : "";
-      const response = handle(req, text);
+      if (url.pathname.startsWith("/_emulator/")) {
+        return marked(emulatorRoute(req.method, url.pathname, text));
+      }
+      const response = marked(handle(req, text));
       if (record) {
         let body: unknown = undefined;
         try {

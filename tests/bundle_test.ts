@@ -1,0 +1,102 @@
+/**
+ * Packaging: `deno bundle` (as `deno task bundle` runs it) makes a single file that starts on its
+ * own (no node_modules, no config) with the start task's permissions, answers `/healthz`,
+ * `/readyz` and `/metrics`, and stops cleanly on SIGTERM.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { freePort, startRedis } from "./helpers/redis.ts";
+
+const REPO_ROOT = fileURLToPath(new URL("../", import.meta.url));
+
+/** The `bundle` task's command line, with the output in `out`. */
+function bundleArgs(out: string): string[] {
+  const tasks = JSON.parse(Deno.readTextFileSync(join(REPO_ROOT, "deno.json"))).tasks;
+  const args = (tasks.bundle as string).split(/\s+/).slice(1); // without "deno"
+  args[args.indexOf("-o") + 1] = out;
+  return args;
+}
+
+async function waitForHttp(url: string, deadline: number): Promise<Response> {
+  while (true) {
+    try {
+      return await fetch(url);
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
+}
+
+Deno.test("the offline bundle starts, serves /healthz and /readyz, and stops on SIGTERM", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "llm-worker-bundle-" });
+  await using redis = await startRedis();
+  try {
+    const bundle = join(dir, "llm-worker.bundle.js");
+    const built = await new Deno.Command(Deno.execPath(), {
+      args: bundleArgs(bundle),
+      cwd: REPO_ROOT,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(built.code, 0, new TextDecoder().decode(built.stderr));
+
+    const port = freePort();
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--no-config",
+        "--allow-net",
+        "--allow-env",
+        "--allow-read",
+        "--allow-sys=hostname",
+        bundle,
+      ],
+      cwd: dir, // no node_modules, no deno.json, no .env here
+      clearEnv: true,
+      env: {
+        PATH: Deno.env.get("PATH") ?? "",
+        HOME: Deno.env.get("HOME") ?? dir,
+        NO_COLOR: "1",
+        REDIS_URL: redis.url,
+        LLM_BASE_URL: `http://127.0.0.1:${freePort()}/v1`,
+        CORE_API_URL: `http://127.0.0.1:${freePort()}`,
+        WORKER_HTTP_PORT: String(port),
+        WORKER_CONSUMER_NAME: "bundle-test",
+      },
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const output = child.output();
+    let status: Deno.CommandStatus | undefined;
+    try {
+      const deadline = Date.now() + 20_000;
+      const health = await waitForHttp(`http://127.0.0.1:${port}/healthz`, deadline);
+      assert.equal(health.status, 200);
+      assert.equal(await health.text(), "ok\n");
+      let ready: Response;
+      while ((ready = await fetch(`http://127.0.0.1:${port}/readyz`)).status !== 200) {
+        await ready.body?.cancel();
+        assert.ok(Date.now() < deadline, "ready within 20 s");
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      await ready.body?.cancel();
+      const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      assert.match(metrics, /^llm_worker_jobs_in_flight 0$/m);
+    } finally {
+      child.kill("SIGTERM");
+      status = await child.status;
+    }
+    const { stdout, stderr } = await output;
+    const logs = new TextDecoder().decode(stdout) + new TextDecoder().decode(stderr);
+    assert.equal(status.code, 0, logs);
+    assert.match(
+      logs,
+      /LLM worker bundle-test started: reading llm:image_tag, .* in group llm-worker-group, concurrency 4, .*the model server did not answer: .* Jobs wait until it does\); health and metrics on port \d+\./,
+    );
+    assert.match(logs, /Bye\./);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
