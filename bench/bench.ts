@@ -1,0 +1,602 @@
+/**
+ * `deno task bench`: the worker under load, measured against the ideal and against a bare client.
+ *
+ * Starts a private Redis, a fake OpenAI-compatible model server (`bench/fake_model.ts`) with a
+ * fixed latency and the Core emulator (request log off), then runs the real worker as its own
+ * process, exactly as `deno task start` does, and measures the five figures of issue 5. In the same
+ * run a bare client (`bench/bare_client.ts`: plain `openai` SDK calls, same concurrency, same
+ * requests, no Redis or Core) gives the ceiling. Prints a table and writes `bench/results.json`.
+ *
+ * Options: `--only=1,3` runs only those scenarios; `--scale=0.2` runs fewer jobs (a quick look).
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { Redis } from "ioredis";
+import { startCoreEmulator } from "../dev/core_emulator.ts";
+import { startRedis } from "../tests/helpers/redis.ts";
+import {
+  processMemory,
+  startWorkerProcess,
+  type WorkerProcess,
+} from "../tests/helpers/worker_process.ts";
+import { GROUP } from "../lib/streams.ts";
+import type { BareRequest, BareSpec } from "./bare_client.ts";
+import { clockMs, type FakeChatRequest, startFakeModel, tokenOf } from "./fake_model.ts";
+import {
+  makeWorkload,
+  publish,
+  seedCore,
+  watchJobs,
+  type WorkloadJob,
+  writeImages,
+  xaddArgs,
+} from "./workload.ts";
+
+/** One row of the results. */
+export interface BenchRow {
+  /** Scenario number and name. */
+  scenario: string;
+  /** What is measured. */
+  figure: string;
+  /** The unit of the figures. */
+  unit: "jobs/s" | "ms" | "MB";
+  /** The worker's figure. */
+  worker: number;
+  /** The bare client's figure (the ceiling), when there is one. */
+  bare?: number;
+  /** The ideal, when there is one. */
+  ideal?: number;
+  /** The target, as text. */
+  target?: string;
+  /** Whether the target was met. */
+  met?: boolean;
+  /** Notes: failed jobs, settings. */
+  note?: string;
+}
+
+const { values: flags } = parseArgs({
+  args: Deno.args,
+  options: { only: { type: "string" }, scale: { type: "string" } },
+});
+const only = new Set((flags.only ?? "1,2,3,4,5").split(",").map((s) => s.trim()));
+const scale = Number(flags.scale ?? "1");
+const n = (count: number) => Math.max(10, Math.round(count * scale));
+
+const BENCH_DIR = new URL(".", import.meta.url);
+
+// ------------------------------------------------------------------------------------ the stack
+
+const redis = await startRedis();
+const client = new Redis(redis.url, { maxRetriesPerRequest: null, protocol: 2 });
+const core = startCoreEmulator({ recordRequests: false });
+let latencyMs = 0;
+const seen = new Map<string, number>(); // token -> when its first model request arrived
+const bareLatencies: number[] = [];
+const model = startFakeModel({
+  latencyMs: () => latencyMs,
+  onRequest: (request: FakeChatRequest) => {
+    const sent = / sent=(\d+(\.\d+)?)/.exec(request.text);
+    if (sent) bareLatencies.push(request.receivedAt - Number(sent[1]));
+    else {
+      const token = tokenOf(request.text);
+      if (!seen.has(token)) seen.set(token, request.receivedAt);
+    }
+  },
+});
+const imageDir = await Deno.makeTempDir({ prefix: "llm-worker-bench-images-" });
+const workDir = await Deno.makeTempDir({ prefix: "llm-worker-bench-" });
+const rows: BenchRow[] = [];
+let nextToken = 1;
+
+function resetState(): void {
+  core.state.jobs.clear();
+  core.state.memories.clear();
+  core.state.events.clear();
+  core.state.tasks.clear();
+  seen.clear();
+  bareLatencies.length = 0;
+}
+
+function workload(
+  count: number,
+  options: {
+    users?: number;
+    balanced?: boolean;
+    images: string[];
+    mix?: WorkloadJob["jobType"][];
+  },
+): WorkloadJob[] {
+  const jobs = makeWorkload({
+    count,
+    users: options.users ?? count,
+    distinctUsers: options.users === undefined || options.balanced,
+    images: options.images,
+    firstToken: nextToken,
+    seed: nextToken,
+    mix: options.mix ? Object.fromEntries(options.mix.map((t) => [t, 1])) : undefined,
+  });
+  nextToken += count;
+  return jobs;
+}
+
+async function startWorker(concurrency: number): Promise<WorkerProcess> {
+  const worker = startWorkerProcess({
+    REDIS_URL: redis.url,
+    LLM_BASE_URL: model.url,
+    CORE_API_URL: core.url,
+    IMAGE_STORAGE_PATH: imageDir,
+    WORKER_CONCURRENCY: String(concurrency),
+    WORKER_SHUTDOWN_TIMEOUT_MS: "5000",
+    LOG_LEVEL: "warning",
+  }, { extraArgs: Deno.env.get("BENCH_WORKER_ARGS")?.split(" ").filter(Boolean) });
+  // Ready once it has joined the group on the last stream it reads at start.
+  const deadline = Date.now() + 60_000;
+  while (true) {
+    const consumers = await client.call("XINFO", "CONSUMERS", "llm:email_extract", GROUP)
+      .catch(() => []) as Array<Array<string | number>>;
+    if (consumers.some((fields) => fields[1] === worker.name)) return worker;
+    if (Date.now() > deadline) {
+      await worker.kill("SIGKILL");
+      throw new Error(`the worker did not start:\n${worker.output()}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** What a run cost, per job. */
+interface Costs {
+  /** Redis commands processed (all clients: the bench's XADDs count too). */
+  redisCommands: number;
+  /** Requests Core received. */
+  coreCalls: number;
+  /** Requests the model received. */
+  modelCalls: number;
+  /** CPU time of the worker process (ms). */
+  workerCpuMs: number;
+  /** CPU time of the bench process: fake model, Core emulator, publishing (ms). */
+  benchCpuMs: number;
+  /** CPU time of redis-server (ms). */
+  redisCpuMs: number;
+}
+
+let coreCalls = 0;
+core.setFault(() => {
+  coreCalls++;
+  return undefined;
+});
+
+/** CPU time (user + system) of a process in ms, from /proc (read with `cat`). */
+async function cpuMs(pid: number): Promise<number> {
+  const output = await new Deno.Command("cat", { args: [`/proc/${pid}/stat`], stdout: "piped" })
+    .output();
+  const fields = new TextDecoder().decode(output.stdout).split(") ")[1]?.split(" ") ?? [];
+  return (Number(fields[11]) + Number(fields[12])) * 10; // clock ticks of 10 ms
+}
+
+async function redisInfo(): Promise<{ commands: number; cpuMs: number }> {
+  const info = await client.info("all");
+  const num = (name: string) => Number(new RegExp(`^${name}:([\\d.]+)`, "m").exec(info)?.[1] ?? 0);
+  return {
+    commands: num("total_commands_processed"),
+    cpuMs: (num("used_cpu_user") + num("used_cpu_sys")) * 1000,
+  };
+}
+
+async function snapshot(worker: WorkerProcess): Promise<Costs> {
+  const redisNow = await redisInfo();
+  return {
+    redisCommands: redisNow.commands,
+    coreCalls,
+    modelCalls: model.requests,
+    workerCpuMs: await cpuMs(worker.pid),
+    benchCpuMs: await cpuMs(Deno.pid),
+    redisCpuMs: redisNow.cpuMs,
+  };
+}
+
+function perJob(before: Costs, after: Costs, jobs: number): Costs {
+  const out = {} as Costs;
+  for (const key of Object.keys(before) as Array<keyof Costs>) {
+    out[key] = round((after[key] - before[key]) / jobs, 2);
+  }
+  return out;
+}
+
+function describeCosts(c: Costs): string {
+  return `per job: ${c.redisCommands} Redis commands, ${c.coreCalls} Core calls, ${c.modelCalls} model calls; CPU ms: worker ${c.workerCpuMs}, bench ${c.benchCpuMs}, redis ${c.redisCpuMs}`;
+}
+
+/** Seeds, publishes and waits for every job to end; resolves with the wall time and failures. */
+async function runJobs(
+  jobs: WorkloadJob[],
+  worker: WorkerProcess,
+): Promise<{ elapsedMs: number; failed: number; costs: Costs }> {
+  seedCore(core, jobs);
+  let ended = 0;
+  let failed = 0;
+  let lastProgress = Date.now();
+  const done = Promise.withResolvers<void>();
+  watchJobs(core, jobs.map((j) => j.token), (_token, status) => {
+    ended++;
+    lastProgress = Date.now();
+    if (status === "failed") failed++;
+    if (ended === jobs.length) done.resolve();
+  });
+  const stall = setInterval(() => {
+    if (Date.now() - lastProgress > 60_000) {
+      done.reject(
+        new Error(`no job ended for 60 s (${ended}/${jobs.length}):\n${worker.output()}`),
+      );
+    }
+  }, 1_000);
+  const before = await snapshot(worker);
+  const started = performance.now();
+  try {
+    await publish(client, jobs);
+    await done.promise;
+  } finally {
+    clearInterval(stall);
+  }
+  const elapsedMs = performance.now() - started;
+  return { elapsedMs, failed, costs: perJob(before, await snapshot(worker), jobs.length) };
+}
+
+function bareRequests(jobs: WorkloadJob[]): BareRequest[] {
+  const schemaOf: Record<string, string | undefined> = {
+    image_tag: "image_tags",
+    intent_classify: "intent_result",
+    task_match: "task_match",
+    email_extract: "email_events",
+    followup: undefined,
+  };
+  return jobs.map((job) => ({
+    schema: schemaOf[job.jobType],
+    text: `${job.jobType} ${job.token} ${JSON.stringify(job.payload)}`,
+    image: job.jobType === "image_tag" ? String(job.payload.image_path) : undefined,
+  }));
+}
+
+async function runBare(spec: BareSpec): Promise<{ elapsedMs: number; peakRss: number }> {
+  const path = `${workDir}/bare-${crypto.randomUUID()}.json`;
+  await Deno.writeTextFile(path, JSON.stringify(spec));
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-net",
+      "--allow-read",
+      "--config",
+      new URL("../deno.json", BENCH_DIR).pathname,
+      new URL("bare_client.ts", BENCH_DIR).pathname,
+      path,
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let peakRss = 0;
+  const sampler = setInterval(async () => {
+    peakRss = Math.max(peakRss, (await processMemory(child.pid)).peak);
+  }, 25);
+  const output = await child.output();
+  clearInterval(sampler);
+  if (!output.success) {
+    throw new Error(`bare client failed: ${new TextDecoder().decode(output.stderr)}`);
+  }
+  const result = JSON.parse(new TextDecoder().decode(output.stdout).trim().split("\n").at(-1)!);
+  return { elapsedMs: result.elapsedMs, peakRss };
+}
+
+async function withWorker<T>(concurrency: number, run: (w: WorkerProcess) => Promise<T>) {
+  await client.flushall();
+  resetState();
+  const worker = await startWorker(concurrency);
+  try {
+    return await run(worker);
+  } finally {
+    const status = await worker.kill("SIGTERM");
+    const logTo = Deno.env.get("BENCH_WORKER_LOG"); // e.g. with BENCH_WORKER_ARGS=--v8-flags=--trace-gc
+    if (logTo) await Deno.writeTextFile(logTo, worker.output(), { append: true });
+    if (!status.success) console.error(`worker exited with ${status.code}:\n${worker.output()}`);
+  }
+}
+
+const percentile = (values: number[], p: number) => {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+};
+const round = (value: number, digits = 1) => Number(value.toFixed(digits));
+const log = (message: string) => console.error(`[bench] ${message}`);
+
+// ---------------------------------------------------------------------------------- scenarios
+
+/**
+ * 1 and 5: model-bound efficiency, with the worker's memory; run with 1 MB images (as the issue
+ * asks) and again with 1 KB ones, to tell the worker's cost from the cost of moving images.
+ */
+async function modelBound(imageBytes: number): Promise<void> {
+  const big = imageBytes >= 1024 * 1024;
+  const images = await writeImages(imageDir, 16, imageBytes);
+  const concurrency = 32;
+  latencyMs = 100;
+  const jobs = workload(n(2000), { images });
+  const warmup = workload(2 * concurrency, { images });
+  const size = big ? `${imageBytes / (1024 * 1024)} MB` : `${imageBytes / 1024} KB`;
+  log(`1. model-bound: ${jobs.length} jobs, 100 ms, concurrency ${concurrency}, ${size} images`);
+  const { result, memory, started, idle } = await withWorker(concurrency, async (worker) => {
+    const started = await worker.memory();
+    await runJobs(warmup, worker);
+    const idle = await worker.memory();
+    let sampled = 0;
+    const sampler = setInterval(async () => {
+      sampled = Math.max(sampled, (await worker.memory()).rss);
+    }, 25);
+    try {
+      const result = await runJobs(jobs, worker);
+      const memory = await worker.memory();
+      return { result, memory: { ...memory, sampled }, started, idle };
+    } finally {
+      clearInterval(sampler);
+    }
+  });
+  const bare = await runBare({
+    url: model.url,
+    concurrency,
+    warmup: bareRequests(warmup),
+    requests: bareRequests(jobs),
+    mode: "throughput",
+  });
+  const ideal = concurrency / 0.1;
+  const rate = jobs.length / (result.elapsedMs / 1000);
+  const bareRate = jobs.length / (bare.elapsedMs / 1000);
+  const suffix = big ? "" : "b";
+  if (only.has("1")) {
+    rows.push({
+      scenario: `1${suffix} model-bound`,
+      figure: `throughput (100 ms model, c=32, 2000 users, ${size} images)`,
+      unit: "jobs/s",
+      worker: round(rate),
+      bare: round(bareRate),
+      ideal,
+      target: big ? "≥ 0.95 × ideal" : undefined,
+      met: big ? rate >= 0.95 * ideal : undefined,
+      note: `${result.failed} failed; 20% image_tag with ${size} images; ${
+        describeCosts(result.costs)
+      }`,
+    });
+  }
+  if (only.has("5")) {
+    const mb = (bytes: number) => round(bytes / (1024 * 1024));
+    const peak = Math.max(memory.peak, memory.sampled);
+    rows.push({
+      scenario: `5${suffix} memory`,
+      figure: `peak RSS of the worker process in run 1${suffix} (${size} images)`,
+      unit: "MB",
+      worker: mb(peak),
+      bare: mb(bare.peakRss),
+      target: big ? "< 150 MB" : undefined,
+      met: big ? peak < 150 * 1024 * 1024 : undefined,
+      note: `after start ${mb(started.rss)} MB, after warm-up ${
+        mb(idle.rss)
+      } MB; VmHWM of /proc/<pid>/status`,
+    });
+  }
+}
+
+/** 2: the worker's own overhead, model and Core answering at once. */
+async function overhead(): Promise<void> {
+  const images = await writeImages(imageDir, 8, 1024);
+  latencyMs = 0;
+  for (const concurrency of [1, 8, 64]) {
+    const jobs = workload(n(5000), { images });
+    const warmup = workload(200, { images });
+    log(`2. overhead: ${jobs.length} jobs, instant model, concurrency ${concurrency}`);
+    const result = await withWorker(concurrency, async (worker) => {
+      await runJobs(warmup, worker);
+      return await runJobs(jobs, worker);
+    });
+    const bare = await runBare({
+      url: model.url,
+      concurrency,
+      warmup: bareRequests(warmup),
+      requests: bareRequests(jobs),
+      mode: "throughput",
+    });
+    const rate = jobs.length / (result.elapsedMs / 1000);
+    rows.push({
+      scenario: "2 overhead",
+      figure: `throughput (instant model and Core, c=${concurrency})`,
+      unit: "jobs/s",
+      worker: round(rate),
+      bare: round(jobs.length / (bare.elapsedMs / 1000)),
+      target: concurrency === 64 ? "≥ 1500 jobs/s" : undefined,
+      met: concurrency === 64 ? rate >= 1500 : undefined,
+      note: `${result.failed} failed; ${describeCosts(result.costs)}`,
+    });
+  }
+}
+
+/** 3: pick-up latency of an idle worker, XADD to the model request. */
+async function pickUp(): Promise<void> {
+  latencyMs = 0;
+  const count = n(200);
+  const jobs = workload(count, { images: [], mix: ["followup"] });
+  const warmup = workload(20, { images: [], mix: ["followup"] });
+  log(`3. pick-up latency: ${count} followup jobs one by one`);
+  const latencies = await withWorker(8, async (worker) => {
+    await runJobs(warmup, worker);
+    seedCore(core, jobs);
+    const out: number[] = [];
+    for (const job of jobs) {
+      const ended = Promise.withResolvers<void>();
+      watchJobs(core, [job.token], () => ended.resolve());
+      const sent = clockMs();
+      await client.xadd(...xaddArgs(job));
+      await ended.promise;
+      out.push(seen.get(job.token)! - sent);
+      await new Promise((resolve) => setTimeout(resolve, 20)); // idle again
+    }
+    return out;
+  });
+  bareLatencies.length = 0;
+  await runBare({
+    url: model.url,
+    concurrency: 1,
+    warmup: bareRequests(warmup),
+    requests: bareRequests(jobs),
+    mode: "latency",
+    gapMs: 20,
+  });
+  const p50 = percentile(latencies, 50);
+  const p99 = percentile(latencies, 99);
+  rows.push({
+    scenario: "3 pick-up",
+    figure: "p50 XADD → model request",
+    unit: "ms",
+    worker: round(p50, 2),
+    bare: round(percentile(bareLatencies, 50), 2),
+    target: "< 5 ms",
+    met: p50 < 5,
+    note: "bare: SDK call → request at the server",
+  });
+  rows.push({
+    scenario: "3 pick-up",
+    figure: "p99 XADD → model request",
+    unit: "ms",
+    worker: round(p99, 2),
+    bare: round(percentile(bareLatencies, 99), 2),
+    target: "< 20 ms",
+    met: p99 < 20,
+    note: `max ${round(Math.max(...latencies), 2)} ms over ${latencies.length} jobs`,
+  });
+}
+
+/** 4: the cost of one job per user at a time. */
+async function perUser(): Promise<void> {
+  const images = await writeImages(imageDir, 8, 1024);
+  latencyMs = 100;
+  const users = 20;
+  const concurrency = 32;
+  // Round robin: every user has the same number of jobs, so the ideal is reachable.
+  const jobs = workload(n(2000), { images, users, balanced: true });
+  const warmup = workload(40, { images, users, balanced: true });
+  log(`4. per-user ordering: ${jobs.length} jobs over ${users} users, 100 ms, c=${concurrency}`);
+  const result = await withWorker(concurrency, async (worker) => {
+    await runJobs(warmup, worker);
+    return await runJobs(jobs, worker);
+  });
+  const bare = await runBare({
+    url: model.url,
+    concurrency: users,
+    warmup: bareRequests(warmup),
+    requests: bareRequests(jobs),
+    mode: "throughput",
+  });
+  const ideal = Math.min(users, concurrency) / 0.1;
+  const rate = jobs.length / (result.elapsedMs / 1000);
+  rows.push({
+    scenario: "4 per-user order",
+    figure: `throughput (${users} users, 100 ms model, c=${concurrency})`,
+    unit: "jobs/s",
+    worker: round(rate),
+    bare: round(jobs.length / (bare.elapsedMs / 1000)),
+    ideal,
+    note: `${result.failed} failed; bare client at concurrency ${users}; ${
+      describeCosts(result.costs)
+    }`,
+  });
+}
+
+// ----------------------------------------------------------------------------------- the run
+
+async function machine(): Promise<Record<string, unknown>> {
+  const cpuinfo = await new Deno.Command("cat", { args: ["/proc/cpuinfo"], stdout: "piped" })
+    .output().then((o) => new TextDecoder().decode(o.stdout)).catch(() => "");
+  const redisVersion = await new Deno.Command("redis-server", { args: ["--version"] }).output()
+    .then((o) => /v=(\S+)/.exec(new TextDecoder().decode(o.stdout))?.[1] ?? "?")
+    .catch(() => "?");
+  return {
+    cpu: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1] ?? "unknown",
+    cores: navigator.hardwareConcurrency,
+    memoryGb: round(Deno.systemMemoryInfo().total / 1024 ** 3),
+    os: `${Deno.build.os} ${Deno.osRelease()}`,
+    deno: Deno.version.deno,
+    redis: redisVersion,
+  };
+}
+
+function table(): string {
+  const header = [
+    "scenario",
+    "figure",
+    "unit",
+    "worker",
+    "bare client",
+    "ideal",
+    "worker/ideal",
+    "worker/bare",
+    "target",
+    "met",
+  ];
+  const lines = rows.map((r) => [
+    r.scenario,
+    r.figure,
+    r.unit,
+    String(r.worker),
+    r.bare === undefined ? "" : String(r.bare),
+    r.ideal === undefined ? "" : String(r.ideal),
+    r.ideal === undefined ? "" : round(r.worker / r.ideal, 3).toFixed(3),
+    r.bare === undefined || r.unit !== "jobs/s" ? "" : round(r.worker / r.bare, 3).toFixed(3),
+    r.target ?? "",
+    r.met === undefined ? "" : r.met ? "yes" : "NO",
+  ]);
+  const all = [header, ...lines];
+  const widths = header.map((_, i) => Math.max(...all.map((l) => l[i].length)));
+  const fmt = (l: string[]) => `| ${l.map((c, i) => c.padEnd(widths[i])).join(" | ")} |`;
+  return [fmt(header), `|${widths.map((w) => "-".repeat(w + 2)).join("|")}|`, ...lines.map(fmt)]
+    .join("\n");
+}
+
+const began = performance.now();
+try {
+  if (only.has("1") || only.has("5")) {
+    await modelBound(1024 * 1024);
+    await modelBound(1024);
+  }
+  if (only.has("2")) await overhead();
+  if (only.has("3")) await pickUp();
+  if (only.has("4")) await perUser();
+  const info = await machine();
+  const results = {
+    date: new Date().toISOString(),
+    machine: info,
+    scale,
+    durationS: round((performance.now() - began) / 1000),
+    rows,
+  };
+  console.log(
+    `\nLLM worker benchmark, ${results.date}\n${info.cpu}, ${info.cores} cores, ${info.memoryGb} GB, ${info.os}, Deno ${info.deno}, Redis ${info.redis}\n`,
+  );
+  console.log(table());
+  for (const row of rows) {
+    if (row.note) console.log(`- ${row.scenario}, ${row.figure}: ${row.note}`);
+  }
+  console.log(`\n(${results.durationS} s)`);
+  if (scale === 1 && only.size === 5) {
+    await Deno.writeTextFile(
+      new URL("results.json", BENCH_DIR),
+      `${JSON.stringify(results, null, 2)}\n`,
+    );
+  } else {
+    await Deno.writeTextFile(
+      new URL("results.json.tmp", BENCH_DIR),
+      `${JSON.stringify(results, null, 2)}\n`,
+    );
+  }
+} finally {
+  client.disconnect();
+  await model.close();
+  await core.close();
+  await redis.close();
+  await Deno.remove(imageDir, { recursive: true }).catch(() => {});
+  await Deno.remove(workDir, { recursive: true }).catch(() => {});
+}

@@ -1,0 +1,137 @@
+/**
+ * Real worker processes, started exactly as `deno task start` starts one (same permissions, same
+ * entry point), for the fault-injection suite and the benchmark.
+ *
+ * The process runs in an empty temporary folder (so no `.env` of the repository or of the
+ * operator leaks in) with a cleared environment: only the settings given, plus what Deno itself
+ * needs (`PATH`, `HOME`, `DENO_DIR`, ...).
+ *
+ * @module
+ */
+import { fileURLToPath } from "node:url";
+
+/** The repository's root folder. */
+export const REPO_ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
+
+/** The permissions of the `start` task of deno.json. */
+export const START_PERMISSIONS: readonly string[] = [
+  "--allow-net",
+  "--allow-env",
+  "--allow-read",
+  "--allow-sys=hostname",
+];
+
+/** Variables passed through from this process so that Deno finds its cache. */
+const PASS_THROUGH = ["PATH", "HOME", "DENO_DIR", "XDG_CACHE_HOME", "TMPDIR", "NO_COLOR"];
+
+/** A running worker process. */
+export interface WorkerProcess {
+  /** Its consumer name (`WORKER_CONSUMER_NAME`). */
+  name: string;
+  /** Its process id. */
+  pid: number;
+  /** The child process. */
+  child: Deno.ChildProcess;
+  /** What it wrote to stderr and stdout (logs): the latest 2 to 4 million characters. */
+  output(): string;
+  /** Sends `signal` and waits for the exit; resolves with the exit status. */
+  kill(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+  /** Its current and peak resident memory in bytes (`VmRSS`, `VmHWM` of /proc); 0 when gone. */
+  memory(): Promise<{ rss: number; peak: number }>;
+}
+
+/**
+ * Starts `main.ts` with `env` as its settings.
+ *
+ * @example
+ * ```ts
+ * const worker = startWorkerProcess({ REDIS_URL: redis.url, WORKER_CONSUMER_NAME: "a" });
+ * await worker.kill("SIGKILL");
+ * ```
+ */
+export function startWorkerProcess(
+  env: Record<string, string>,
+  options: { cwd?: string; extraArgs?: string[] } = {},
+): WorkerProcess {
+  const name = env.WORKER_CONSUMER_NAME ?? `worker-${crypto.randomUUID().slice(0, 8)}`;
+  const passed: Record<string, string> = {};
+  for (const key of PASS_THROUGH) {
+    const value = Deno.env.get(key);
+    if (value !== undefined) passed[key] = value;
+  }
+  const tempCwd = options.cwd ? undefined : Deno.makeTempDirSync({ prefix: "llm-worker-cwd-" });
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      ...START_PERMISSIONS,
+      "--config",
+      `${REPO_ROOT}deno.json`,
+      ...(options.extraArgs ?? []),
+      `${REPO_ROOT}main.ts`,
+    ],
+    cwd: options.cwd ?? tempCwd,
+    clearEnv: true,
+    env: {
+      ...passed,
+      WORKER_HTTP_PORT: "0",
+      LOG_LEVEL: "warning",
+      ...env,
+      WORKER_CONSUMER_NAME: name,
+    },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let output = "";
+  const decoder = new TextDecoder();
+  const collect = async (stream: ReadableStream<Uint8Array>) => {
+    for await (const chunk of stream) {
+      output += decoder.decode(chunk, { stream: true });
+      if (output.length > 4_000_000) output = output.slice(-2_000_000); // keep the latest
+    }
+  };
+  const collected = Promise.all([collect(child.stdout), collect(child.stderr)]);
+  let ended: Promise<Deno.CommandStatus> | undefined;
+  const status = async () => {
+    const result = await child.status;
+    await collected;
+    if (tempCwd) await Deno.remove(tempCwd, { recursive: true }).catch(() => {});
+    return result;
+  };
+  return {
+    name,
+    pid: child.pid,
+    child,
+    output: () => output,
+    kill: (signal: Deno.Signal = "SIGTERM") => {
+      try {
+        child.kill(signal);
+      } catch {
+        // already gone
+      }
+      ended ??= status();
+      return ended;
+    },
+    memory: () => processMemory(child.pid),
+  };
+}
+
+/**
+ * The current and peak resident memory of a process in bytes (`VmRSS`, `VmHWM`); zeros when it
+ * is gone. Read with `cat`: Deno lets a script read `/proc` only with `--allow-all`.
+ */
+export async function processMemory(pid: number): Promise<{ rss: number; peak: number }> {
+  try {
+    const output = await new Deno.Command("cat", {
+      args: [`/proc/${pid}/status`],
+      stdout: "piped",
+      stderr: "null",
+    }).output();
+    const text = new TextDecoder().decode(output.stdout);
+    const kb = (field: string) =>
+      Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(text)?.[1] ?? 0) * 1024;
+    return { rss: kb("VmRSS"), peak: kb("VmHWM") };
+  } catch {
+    return { rss: 0, peak: 0 };
+  }
+}
