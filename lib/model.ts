@@ -9,6 +9,7 @@
  *
  * @module
  */
+import { Buffer } from "node:buffer";
 import { z } from "zod";
 import type { Logger } from "@logtape/logtape";
 import { InvalidAnswerError } from "./errors.ts";
@@ -20,10 +21,13 @@ import { describeError, logger } from "./log.ts";
 /** Which of the two configured models a request goes to. */
 export type ModelRole = "text" | "vision";
 
-/** An image attached to a request. */
+/**
+ * An image attached to a request. Its bytes are read only once the request holds a model slot, so
+ * jobs waiting for a slot keep no image in memory.
+ */
 export interface ImageInput {
-  /** The bytes, base64-encoded. */
-  base64: string;
+  /** Reads the image's bytes (throws when they can no longer be read). */
+  read: () => Promise<Uint8Array>;
   /** The MIME type the bytes showed. */
   mimeType: string;
 }
@@ -213,7 +217,11 @@ export class ModelGateway {
     }
   }
 
-  #call(model: string, request: TextRequest, jsonSchema?: JsonSchemaFormat): Promise<string> {
+  async #call(
+    model: string,
+    request: TextRequest,
+    jsonSchema?: JsonSchemaFormat,
+  ): Promise<string> {
     const options = {
       system: request.system,
       jsonSchema,
@@ -221,14 +229,14 @@ export class ModelGateway {
       jobType: this.#jobType,
     };
     return request.image
-      ? this.#llm.completeWithImage(
+      ? await this.#llm.completeWithImage(
         model,
         request.prompt,
-        request.image.base64,
+        Buffer.from(await request.image.read()).toString("base64"),
         request.image.mimeType,
         options,
       )
-      : this.#llm.complete(model, request.prompt, options);
+      : await this.#llm.complete(model, request.prompt, options);
   }
 }
 

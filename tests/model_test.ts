@@ -109,12 +109,41 @@ Deno.test("ask with an image goes to the vision model with the image's MIME type
     prompt: "tags",
     schema: Tags,
     schemaName: "tags",
-    image: { base64: "AAAA", mimeType: "image/gif" },
+    image: { read: () => Promise.resolve(new Uint8Array([0, 0, 0])), mimeType: "image/gif" },
   });
   const body = model.requests[0].body;
   assert.equal(body.model, "llava");
   const content = body.messages.at(-1)?.content as Array<{ image_url?: { url: string } }>;
   assert.equal(content[1].image_url?.url, "data:image/gif;base64,AAAA");
+});
+
+Deno.test("an image is read only once its request holds a model slot", async () => {
+  const release = Promise.withResolvers<void>();
+  await using model = startModelServer(async () => {
+    await release.promise;
+    return '{"tags": ["cat"]}';
+  });
+  const models = gateway(model.url, { concurrency: 1 });
+  const first = models.askText({ role: "text", prompt: "busy" });
+  let reads = 0;
+  const second = models.ask({
+    role: "vision",
+    prompt: "tags",
+    schema: Tags,
+    schemaName: "tags",
+    image: {
+      read: () => {
+        reads++;
+        return Promise.resolve(new Uint8Array([0, 0, 0]));
+      },
+      mimeType: "image/gif",
+    },
+  });
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.equal(reads, 0, "waiting for the slot, the image is not in memory");
+  release.resolve();
+  await Promise.all([first, second]);
+  assert.equal(reads, 1);
 });
 
 Deno.test("auto mode sends the JSON schema as response_format", async () => {

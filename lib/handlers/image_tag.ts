@@ -9,7 +9,6 @@
  *
  * @module
  */
-import { Buffer } from "node:buffer";
 import { isAbsolute, resolve, sep } from "node:path";
 import { z } from "zod";
 import { CoreApiError, type Memory } from "../core_api.ts";
@@ -158,14 +157,17 @@ function formatBytes(bytes: number): string {
   return mib >= 1 ? `${Number.isInteger(mib) ? mib : mib.toFixed(1)} MB` : `${bytes} bytes`;
 }
 
-/** A checked image: its bytes and the format they show. */
+/** A checked image: the format its first bytes show, its size, and how to read it whole. */
 interface CheckedImage {
-  bytes: Uint8Array;
   mimeType: ImageMimeType;
+  size: number;
+  /** Reads the whole file (done once the model request holds a slot). */
+  read: () => Promise<Uint8Array>;
 }
 
 /**
- * Finds and checks the image of a job.
+ * Finds and checks the image of a job, reading only its first bytes; the whole file is read later
+ * by `read()`, which checks the size again.
  *
  * A relative `imagePath` is taken relative to `storage`. The real paths (symlinks resolved) of
  * both are compared, with a trailing separator, so `../` and symlinks leading out of the folder
@@ -174,7 +176,7 @@ interface CheckedImage {
  * @throws {JobFailedError} when the path is outside the folder, the file is missing, is not a
  * regular file, is larger than `maxBytes` or is not a JPEG, PNG, WebP or GIF.
  */
-export async function loadImage(
+export async function checkImage(
   storage: string,
   imagePath: string,
   maxBytes: number,
@@ -254,16 +256,16 @@ export async function loadImage(
     );
   if (info.size > maxBytes) throw tooLarge(info.size);
 
-  let bytes: Uint8Array;
+  let head: Uint8Array;
   try {
-    bytes = await Deno.readFile(real);
+    using file = await Deno.open(real);
+    head = new Uint8Array(16);
+    head = head.subarray(0, (await file.read(head)) ?? 0);
   } catch (error) {
     if (error instanceof Deno.errors.NotFound) throw missing(error);
     throw unreadable(error);
   }
-  // The file may have grown since it was measured.
-  if (bytes.length > maxBytes) throw tooLarge(bytes.length);
-  const mimeType = sniffImageType(bytes);
+  const mimeType = sniffImageType(head);
   if (!mimeType) {
     throw new JobFailedError(
       `The file ${JSON.stringify(imagePath)} is not a JPEG, PNG, WebP or GIF image.`,
@@ -273,7 +275,19 @@ export async function loadImage(
       },
     );
   }
-  return { bytes, mimeType };
+  const read = async () => {
+    let bytes: Uint8Array;
+    try {
+      bytes = await Deno.readFile(real);
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) throw missing(error);
+      throw unreadable(error);
+    }
+    // The file may have grown since it was measured.
+    if (bytes.length > maxBytes) throw tooLarge(bytes.length);
+    return bytes;
+  };
+  return { mimeType, size: info.size, read };
 }
 
 /** Builds the `image_tag` handler; `options.maxImageBytes` lets tests use a small limit. */
@@ -285,7 +299,7 @@ export function createImageTagHandler(options: ImageTagOptions = {}): JobHandler
     requiresUser: false,
     async run(ctx: JobContext, payload: ImageTagPayload): Promise<HandlerResult> {
       const { memory_id: memoryId, image_path: imagePath } = payload;
-      const image = await loadImage(ctx.settings.imageStoragePath, imagePath, maxBytes);
+      const image = await checkImage(ctx.settings.imageStoragePath, imagePath, maxBytes);
 
       let memory: Memory;
       try {
@@ -302,13 +316,13 @@ export function createImageTagHandler(options: ImageTagOptions = {}): JobHandler
 
       ctx.log.debug("Asking the vision model about a {mimeType} image of {size} bytes.", {
         mimeType: image.mimeType,
-        size: image.bytes.length,
+        size: image.size,
       });
       const answer = await ctx.model.ask({
         role: "vision",
         system: IMAGE_TAG_SYSTEM_PROMPT,
         prompt: imageTagPrompt(memory.content),
-        image: { base64: Buffer.from(image.bytes).toString("base64"), mimeType: image.mimeType },
+        image,
         schema: imageTagAnswerSchema,
         schemaName: "image_tags",
         signal: ctx.signal,
