@@ -9,6 +9,8 @@
  * @module
  */
 
+import { NO_ENTITIES } from "../lib/handlers/intent_classify.ts";
+
 /** What the server saw of one chat request, given to the answer function. */
 export interface FakeChatRequest {
   /** The `model` field. */
@@ -84,20 +86,7 @@ export function benchAnswer(request: FakeChatRequest): string {
     case "image_tags":
       return JSON.stringify({ description: `A photo ${token}.`, tags: ["photo", token, "bench"] });
     case "intent_result":
-      return JSON.stringify({
-        intent: "general_note",
-        action: null,
-        time: null,
-        resolved_time: null,
-        description: null,
-        due_time: null,
-        resolved_due_time: null,
-        query: null,
-        keywords: null,
-        suggested_tags: ["note"],
-        followup_question: null,
-        possible_intents: null,
-      });
+      return JSON.stringify({ ...NO_ENTITIES, intent: "general_note", suggested_tags: ["note"] });
     case "task_match": {
       const task = /\[id: ([^\]]+)\]/.exec(request.text)?.[1];
       return JSON.stringify({

@@ -19,6 +19,8 @@
  * @module
  */
 
+import { NO_ENTITIES } from "../lib/handlers/intent_classify.ts";
+
 /** Options of {@linkcode startScriptedModel}. */
 export interface ScriptedModelOptions {
   /** Port on `hostname`; 0 (default) picks a free one. */
@@ -544,19 +546,7 @@ interface IntentAnswer {
   possible_intents: string[] | null;
 }
 
-const EMPTY_INTENT: Omit<IntentAnswer, "intent"> = {
-  action: null,
-  time: null,
-  resolved_time: null,
-  description: null,
-  due_time: null,
-  resolved_due_time: null,
-  query: null,
-  keywords: null,
-  suggested_tags: null,
-  followup_question: null,
-  possible_intents: null,
-};
+const EMPTY_INTENT = NO_ENTITIES;
 
 const REMINDER = /\b(?:remind(?:er)?|don'?t let me forget|alarm|ping me|nudge me)\b/i;
 const TASK =

@@ -4,22 +4,14 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { NO_ENTITIES } from "../lib/handlers/intent_classify.ts";
 import { LEDGER_PREFIX } from "../lib/ledger.ts";
 import { GROUP, STREAM_OF } from "../lib/streams.ts";
 import { chatResponse, promptOf } from "./helpers/model_server.ts";
 import { defaultReply, startStack } from "./helpers/stack.ts";
+import { fakePng } from "./helpers/images.ts";
 
-const PNG = new Uint8Array([
-  0x89,
-  0x50,
-  0x4e,
-  0x47,
-  0x0d,
-  0x0a,
-  0x1a,
-  0x0a,
-  ...new Array(40).fill(1),
-]);
+const PNG = fakePng(48, 1);
 const delay = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 Deno.test("followup: XADD to PATCH completed, notification, XACK", async () => {
@@ -116,18 +108,11 @@ Deno.test("intent_classify end to end: reminder in the user's timezone creates a
     reply: (request) =>
       request.body.response_format?.json_schema?.name === "intent_result"
         ? JSON.stringify({
+          ...NO_ENTITIES,
           intent: "reminder",
           action: "call mum",
           time: "tomorrow at 9am",
           resolved_time: "2026-01-05T09:00:00",
-          description: null,
-          due_time: null,
-          resolved_due_time: null,
-          query: null,
-          keywords: null,
-          suggested_tags: null,
-          followup_question: null,
-          possible_intents: null,
         })
         : defaultReply(request),
   });

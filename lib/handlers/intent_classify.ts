@@ -135,6 +135,29 @@ export const intentAnswerSchema = z.object({
 /** The model's answer. */
 export type IntentAnswer = z.infer<typeof intentAnswerSchema>;
 
+/**
+ * Every entity field of an answer set to null: what an answer holds besides its intent's own
+ * fields (a base for stand-in models and tests).
+ *
+ * @example
+ * ```ts
+ * JSON.stringify({ ...NO_ENTITIES, intent: "general_note", suggested_tags: ["cabin"] });
+ * ```
+ */
+export const NO_ENTITIES: Readonly<Omit<IntentAnswer, "intent">> = {
+  action: null,
+  time: null,
+  resolved_time: null,
+  description: null,
+  due_time: null,
+  resolved_due_time: null,
+  query: null,
+  keywords: null,
+  suggested_tags: null,
+  followup_question: null,
+  possible_intents: null,
+};
+
 /** The system prompt of intent_classify. */
 export const INTENT_SYSTEM_PROMPT =
   `You are the intent classifier of Life Organiser, a personal organiser that a user talks to through a Telegram bot. It keeps their notes and photos as memories, their tasks, their reminders and their calendar.

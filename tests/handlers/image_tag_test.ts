@@ -14,18 +14,9 @@ import {
 import type { JobContext, JobHandler } from "../../lib/handlers/types.ts";
 import { type ChatRequest, promptOf, startModelServer } from "../helpers/model_server.ts";
 import { makeContext, MemoryEffects } from "../helpers/context.ts";
+import { fakePng } from "../helpers/images.ts";
 
-const PNG = new Uint8Array([
-  0x89,
-  0x50,
-  0x4e,
-  0x47,
-  0x0d,
-  0x0a,
-  0x1a,
-  0x0a,
-  ...new Array(56).fill(7),
-]);
+const PNG = fakePng(64, 7);
 const JPEG = new Uint8Array([0xff, 0xd8, 0xff, 0xe0, ...new Array(60).fill(3)]);
 
 const ANSWER = JSON.stringify({

@@ -6,6 +6,7 @@ import {
   type IntentAnswer,
   intentClassifyHandler,
   memoryTitle,
+  NO_ENTITIES,
 } from "../../lib/handlers/intent_classify.ts";
 import { type ContextOptions, makeContext, MemoryEffects } from "../helpers/context.ts";
 import { type ChatRequest, promptOf, startModelServer } from "../helpers/model_server.ts";
@@ -14,20 +15,7 @@ const NOW = new Date("2026-07-01T12:00:00Z");
 
 /** A full model answer: every field null unless given. */
 function answer(fields: Partial<IntentAnswer> & Pick<IntentAnswer, "intent">): string {
-  return JSON.stringify({
-    action: null,
-    time: null,
-    resolved_time: null,
-    description: null,
-    due_time: null,
-    resolved_due_time: null,
-    query: null,
-    keywords: null,
-    suggested_tags: null,
-    followup_question: null,
-    possible_intents: null,
-    ...fields,
-  });
+  return JSON.stringify({ ...NO_ENTITIES, ...fields });
 }
 
 const ANSWERS: Record<string, string> = {

@@ -8,6 +8,7 @@ import type { Redis } from "ioredis";
 import { closeRedis, createRedis } from "../../lib/redis.ts";
 import { loadSettings, type Settings } from "../../lib/config.ts";
 import type { JobType } from "../../lib/handlers/types.ts";
+import { NO_ENTITIES } from "../../lib/handlers/intent_classify.ts";
 import { DEAD_STREAM, NOTIFY_STREAM, STREAM_OF } from "../../lib/streams.ts";
 import { createWorker, type Worker, type WorkerOptions } from "../../lib/worker.ts";
 import { type CoreEmulator, startCoreEmulator } from "../../dev/core_emulator.ts";
@@ -79,18 +80,9 @@ export function defaultReply(request: ChatRequest): string {
       return JSON.stringify({ description: "A dog on a beach.", tags: ["dog", "beach", "sea"] });
     case "intent_result":
       return JSON.stringify({
+        ...NO_ENTITIES,
         intent: "general_note",
-        action: null,
-        time: null,
-        resolved_time: null,
-        description: null,
-        due_time: null,
-        resolved_due_time: null,
-        query: null,
-        keywords: null,
         suggested_tags: ["note", "misc"],
-        followup_question: null,
-        possible_intents: null,
       });
     case "task_match":
       return JSON.stringify({ matched_task_id: null, confidence: 0.1, reason: "no match" });
