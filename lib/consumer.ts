@@ -647,6 +647,7 @@ export class Consumer {
       item.record!.invalidAttempts = this.#tracker.attempts(job.jobId);
       if (this.#tracker.shouldRetry(job.jobId)) {
         const delay = this.#tracker.backoffSeconds(job.jobId) * 1000;
+        await this.#markProcessing(job, log);
         log.warn("Job {jobId}: invalid model answer ({reason}); asking again in {delay} ms.", {
           reason: error.message,
           delay,
@@ -696,13 +697,7 @@ export class Consumer {
     const fromModel = error instanceof LLMError;
     item.waitingForModel = fromModel;
     if (fromModel) {
-      if (await this.#ledger.setOnce(job.jobId, "processing")) {
-        await this.#core.updateJob(job.jobId, { status: "processing" }).catch((e) =>
-          log.debug("Could not mark job {jobId} processing: {message}", {
-            message: describeError(e),
-          })
-        );
-      }
+      await this.#markProcessing(job, log);
       if (job.userId !== null) {
         // The flag and the notice in one step: a retry, or a command sent again after a lost
         // connection, never tells the user twice.
@@ -726,6 +721,14 @@ export class Consumer {
     delay = Math.max(0, Math.min(delay, left)); // at expiry the next run gives up
     log.warn("Job {jobId} waits {delay} ms: {reason}", { delay, reason: error.message });
     return { retryInMs: delay, wake: fromModel ? this.#health.nextRecovery() : undefined };
+  }
+
+  /** A job that waits is `processing` in Core; told once per job (best effort: Core may be down). */
+  async #markProcessing(job: Job, log: Logger): Promise<void> {
+    if (!await this.#ledger.setOnce(job.jobId, "processing")) return;
+    await this.#core.updateJob(job.jobId, { status: "processing" }).catch((e) =>
+      log.debug("Could not mark job {jobId} processing: {message}", { message: describeError(e) })
+    );
   }
 
   #failure(job: Job, errorMessage: string, userMessage?: string): Ending {

@@ -236,6 +236,12 @@ Deno.test(
       stack.model.requests.every((r) => r.body.response_format === undefined),
       "off means off",
     );
+    const patches = stack.core.state.requests.filter((r) => r.method === "PATCH");
+    assert.deepEqual(
+      patches.map((r) => (r.body as { status: string }).status),
+      ["processing", "completed"],
+      "a job waiting to ask again is processing in Core, once",
+    );
 
     // A model that never makes sense: LLM_MAX_RETRIES attempts in all, then failed + llm_failure.
     stack.model.setReply(() => "no idea");
@@ -261,7 +267,7 @@ Deno.test("attempt counts survive a restart: the new worker does not start from 
   const jobId = await stack.enqueue("task_match", { memory_id: "m", memory_content: "note" }, 2);
   await stack.waitFor(() => stack.model.requests.length === 2, "two attempts");
   await first.close(); // the job waits 2 s for its third attempt: it is left pending
-  assert.equal(stack.core.state.jobs.get(jobId)!.status, "queued");
+  assert.equal(stack.core.state.jobs.get(jobId)!.status, "processing"); // it waits to ask again
   assert.equal(await stack.client.hget(`${LEDGER_PREFIX}${jobId}`, "invalid"), "2");
 
   await stack.startWorker(env);
