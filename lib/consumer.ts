@@ -568,7 +568,7 @@ export class Consumer {
       result = await handler.run({
         job,
         core: this.#core,
-        model: this.#model.forJob(job.jobType),
+        model: this.#model.forJob(job.jobType, item.effects),
         effects: item.effects!,
         settings: this.#s,
         now: () => new Date(this.#now()),
@@ -643,6 +643,8 @@ export class Consumer {
     if (this.#hardStop.signal.aborted) return { outcome: "abandoned" };
     let ending: Ending | undefined;
     if (error instanceof InvalidAnswerError) {
+      // The handler may refuse an answer the gateway found valid (and kept): ask afresh.
+      await this.#ledger.forget(job.jobId, item.record!, "answer:");
       this.#tracker.restore(job.jobId, await this.#ledger.countInvalid(job.jobId));
       item.record!.invalidAttempts = this.#tracker.attempts(job.jobId);
       if (this.#tracker.shouldRetry(job.jobId)) {

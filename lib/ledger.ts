@@ -112,6 +112,14 @@ export class JobLedger {
     };
   }
 
+  /** Forgets the effects whose key starts with `prefix` (e.g. kept answers after an invalid one). */
+  async forget(jobId: string, record: JobRecord, prefix: string): Promise<void> {
+    const keys = [...record.effects.keys()].filter((key) => key.startsWith(prefix));
+    if (keys.length === 0) return;
+    await this.#redis.hdel(this.key(jobId), ...keys.map((key) => `fx:${key}`));
+    for (const key of keys) record.effects.delete(key);
+  }
+
   /** Counts one more invalid answer and returns the new count. */
   async countInvalid(jobId: string): Promise<number> {
     return await this.#count(jobId, "invalid");

@@ -13,6 +13,7 @@ import { Buffer } from "node:buffer";
 import { z } from "zod";
 import type { Logger } from "@logtape/logtape";
 import { InvalidAnswerError } from "./errors.ts";
+import type { Effects } from "./handlers/types.ts";
 import { type JsonSchemaFormat, type LLMClient, LLMError } from "./llm.ts";
 import { Semaphore } from "./semaphore.ts";
 import { extractJson, sleep, stripThinking } from "./utils.ts";
@@ -95,6 +96,10 @@ export class ModelGateway {
   #noSchema = new Set<string>();
   /** The job type this view's requests are for (metrics and traces). */
   #jobType?: string;
+  /** Where this view keeps the answers of its job, so a job that runs again asks nothing twice. */
+  #answers?: Effects;
+  /** Questions asked by this view so far (the key of each kept answer). */
+  #asked = 0;
   readonly #log: Logger = logger("model");
 
   /** Creates the gateway; `concurrency` slots are shared by every job. */
@@ -109,7 +114,8 @@ export class ModelGateway {
 
   /**
    * A view of this gateway for one job type: the same slots, health and structured-output
-   * memory, with every request labelled `jobType` in the model client's events and spans.
+   * memory, with every request labelled `jobType` in the model client's events and spans. With
+   * `answers` (the job's once-only effects), each valid answer is kept for a later run of the job.
    *
    * @example
    * ```ts
@@ -117,11 +123,12 @@ export class ModelGateway {
    * await model.askText({ role: "text", prompt: "..." }); // reported with jobType "followup"
    * ```
    */
-  forJob(jobType: string): ModelGateway {
+  forJob(jobType: string, answers?: Effects): ModelGateway {
     const view = new ModelGateway(this.#options);
     view.#slots = this.#slots;
     view.#noSchema = this.#noSchema;
     view.#jobType = jobType;
+    view.#answers = answers;
     return view;
   }
 
@@ -146,7 +153,11 @@ export class ModelGateway {
    * @throws {InvalidAnswerError} when the answer is empty.
    * @throws {LLMError} when the server is unavailable or rejects the request.
    */
-  async askText(request: TextRequest): Promise<string> {
+  askText(request: TextRequest): Promise<string> {
+    return this.#remember(() => this.#askText(request));
+  }
+
+  async #askText(request: TextRequest): Promise<string> {
     const text = stripThinking(await this.#send(request));
     if (!text) throw new InvalidAnswerError("The model's answer was empty.", text);
     return text;
@@ -158,7 +169,21 @@ export class ModelGateway {
    * @throws {InvalidAnswerError} when the answer holds no JSON or breaks the schema.
    * @throws {LLMError} when the server is unavailable or rejects the request.
    */
-  async ask<T>(request: JsonRequest<T>): Promise<T> {
+  ask<T>(request: JsonRequest<T>): Promise<T> {
+    return this.#remember(() => this.#ask(request));
+  }
+
+  /**
+   * Runs `question`, or with a job's answers given to {@linkcode ModelGateway.forJob} returns
+   * the valid answer kept from an earlier run of the same job (the n-th question of a run gets
+   * the n-th answer), so a job retried after Core failed asks the model nothing twice.
+   */
+  #remember<T>(question: () => Promise<T>): Promise<T> {
+    if (!this.#answers) return question();
+    return this.#answers.once(`answer:${this.#asked++}`, question);
+  }
+
+  async #ask<T>(request: JsonRequest<T>): Promise<T> {
     const text = stripThinking(
       await this.#send(request, { name: request.schemaName, schema: jsonSchemaOf(request.schema) }),
     );

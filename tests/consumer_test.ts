@@ -588,3 +588,41 @@ Deno.test("stopping while Redis is away still returns", async () => {
   assert.ok(performance.now() - started < 10_000, "close did not hang on the dead connection");
   assert.equal(worker.consumer.running, false);
 });
+
+Deno.test("a job retried because Core failed mid-way does not ask the model again", async () => {
+  await using stack = await startStack();
+  let refusals = 4; // more than the Core client's two quick retries: the job itself is retried
+  stack.core.setFault(({ method, path }) => {
+    if (method === "POST" && path === "/memories" && refusals-- > 0) {
+      return new Response("busy", { status: 503 });
+    }
+  });
+  await stack.startWorker();
+  const jobId = await stack.enqueue(
+    "intent_classify",
+    { message: "the cabin wifi is sunshine42" },
+    6,
+  );
+  await stack.waitForJobs([jobId]);
+  assert.equal(stack.core.state.jobs.get(jobId)!.status, "completed");
+  assert.equal(stack.model.requests.length, 1, "the kept answer is reused");
+  assert.equal(stack.core.state.memories.size, 1);
+});
+
+Deno.test("an answer the handler refuses is not kept: the retry asks afresh", async () => {
+  const tooLong = "a tag that is much longer than forty characters in all";
+  const answers = [
+    JSON.stringify({ description: "Odd.", tags: [tooLong, `${tooLong}!`, `${tooLong}?`] }),
+    JSON.stringify({ description: "A cat.", tags: ["cat", "sofa", "nap"] }),
+  ];
+  await using stack = await startStack({ reply: () => answers.shift()! });
+  const memory = stack.core.seedMemory({ owner_user_id: 3, media_type: "image" });
+  const path = join(stack.imageDir, "photo");
+  await Deno.writeFile(path, PNG);
+  await stack.startWorker();
+  const jobId = await stack.enqueue("image_tag", { memory_id: memory.id, image_path: path }, 3);
+  await stack.waitForJobs([jobId]);
+  assert.equal(stack.core.state.jobs.get(jobId)!.status, "completed");
+  assert.equal(stack.model.requests.length, 2);
+  assert.deepEqual(memory.tags.map((t) => t.tag), ["cat", "sofa", "nap"]);
+});
