@@ -12,7 +12,7 @@ import { type CoreApiClient, CoreApiError } from "./core_api.ts";
 import { InvalidAnswerError, JobFailedError } from "./errors.ts";
 import { HANDLERS } from "./handlers/mod.ts";
 import type { Effects, HandlerResult, Job, JobHandler, JobType } from "./handlers/types.ts";
-import { type JobLedger, type JobRecord } from "./ledger.ts";
+import { type JobLedger, type JobRecord, MemoryEffects } from "./ledger.ts";
 import { LLMError } from "./llm.ts";
 import { describeError, logger } from "./log.ts";
 import { sleep } from "./utils.ts";
@@ -90,6 +90,12 @@ interface WorkItem {
   /** Loaded at the first run. */
   record?: JobRecord;
   effects?: Effects;
+  /**
+   * The model's valid answers so far, kept while the entry stays in this process: a job retried
+   * because Core failed asks the model nothing twice (after a restart it asks again; its effects
+   * are still once-only).
+   */
+  answers: MemoryEffects;
   /** Set once the job's end is decided but not yet written (Core was down). */
   ending?: Ending;
   /** The model said it is unavailable at the last run (so a recovery wakes it). */
@@ -438,6 +444,7 @@ export class Consumer {
       userId: parsed.ok ? parsed.job.userId : null,
       parsed,
       redelivered,
+      answers: new MemoryEffects(),
     };
   }
 
@@ -568,7 +575,7 @@ export class Consumer {
       result = await handler.run({
         job,
         core: this.#core,
-        model: this.#model.forJob(job.jobType, item.effects),
+        model: this.#model.forJob(job.jobType, item.answers),
         effects: item.effects!,
         settings: this.#s,
         now: () => new Date(this.#now()),
@@ -644,7 +651,7 @@ export class Consumer {
     let ending: Ending | undefined;
     if (error instanceof InvalidAnswerError) {
       // The handler may refuse an answer the gateway found valid (and kept): ask afresh.
-      await this.#ledger.forget(job.jobId, item.record!, "answer:");
+      item.answers.done.clear();
       this.#tracker.restore(job.jobId, await this.#ledger.countInvalid(job.jobId));
       item.record!.invalidAttempts = this.#tracker.attempts(job.jobId);
       if (this.#tracker.shouldRetry(job.jobId)) {

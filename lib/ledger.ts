@@ -112,14 +112,6 @@ export class JobLedger {
     };
   }
 
-  /** Forgets the effects whose key starts with `prefix` (e.g. kept answers after an invalid one). */
-  async forget(jobId: string, record: JobRecord, prefix: string): Promise<void> {
-    const keys = [...record.effects.keys()].filter((key) => key.startsWith(prefix));
-    if (keys.length === 0) return;
-    await this.#redis.hdel(this.key(jobId), ...keys.map((key) => `fx:${key}`));
-    for (const key of keys) record.effects.delete(key);
-  }
-
   /** Counts one more invalid answer and returns the new count. */
   async countInvalid(jobId: string): Promise<number> {
     return await this.#count(jobId, "invalid");
@@ -221,5 +213,29 @@ export class JobLedger {
     const failed = results.find(([error]) => error);
     if (failed) throw failed[0];
     return results;
+  }
+}
+
+/**
+ * Once-only results kept in memory only: what a job keeps while it stays in this process (the
+ * model's answers between retries) and what handler tests use instead of Redis.
+ *
+ * @example
+ * ```ts
+ * const answers = new MemoryEffects();
+ * await answers.once("answer:0", () => Promise.resolve("hi")); // runs
+ * await answers.once("answer:0", () => Promise.resolve("ho")); // "hi"
+ * ```
+ */
+export class MemoryEffects implements Effects {
+  /** Results recorded so far, by key. */
+  readonly done = new Map<string, unknown>();
+
+  /** Runs `action` unless `key` already succeeded, and returns its result either way. */
+  async once<T>(key: string, action: () => Promise<T>): Promise<T> {
+    if (this.done.has(key)) return this.done.get(key) as T;
+    const value = await action();
+    this.done.set(key, value);
+    return value;
   }
 }

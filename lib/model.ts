@@ -115,7 +115,7 @@ export class ModelGateway {
   /**
    * A view of this gateway for one job type: the same slots, health and structured-output
    * memory, with every request labelled `jobType` in the model client's events and spans. With
-   * `answers` (the job's once-only effects), each valid answer is kept for a later run of the job.
+   * `answers`, each valid answer is kept there for a later run of the same job.
    *
    * @example
    * ```ts
@@ -174,9 +174,9 @@ export class ModelGateway {
   }
 
   /**
-   * Runs `question`, or with a job's answers given to {@linkcode ModelGateway.forJob} returns
-   * the valid answer kept from an earlier run of the same job (the n-th question of a run gets
-   * the n-th answer), so a job retried after Core failed asks the model nothing twice.
+   * Runs `question`, or, with the answers given to {@linkcode ModelGateway.forJob}, returns the
+   * valid answer kept from an earlier run of the same job (the n-th question of a run gets the
+   * n-th answer), so a job retried after Core failed asks the model nothing twice.
    */
   #remember<T>(question: () => Promise<T>): Promise<T> {
     if (!this.#answers) return question();

@@ -7,24 +7,13 @@
  */
 import { loadSettings, type Settings } from "../../lib/config.ts";
 import { CoreApiClient } from "../../lib/core_api.ts";
-import type { Effects, Job, JobContext, JobType } from "../../lib/handlers/types.ts";
+import type { Job, JobContext, JobType } from "../../lib/handlers/types.ts";
 import { LLMClient } from "../../lib/llm.ts";
 import { logger } from "../../lib/log.ts";
 import { ModelGateway } from "../../lib/model.ts";
+import { MemoryEffects } from "../../lib/ledger.ts";
 
-/** Once-only effects in a `Map`, so a test can run a handler twice and see nothing repeated. */
-export class MemoryEffects implements Effects {
-  /** Results recorded so far, by key. */
-  readonly done = new Map<string, unknown>();
-
-  /** Runs `action` unless `key` already succeeded. */
-  async once<T>(key: string, action: () => Promise<T>): Promise<T> {
-    if (this.done.has(key)) return this.done.get(key) as T;
-    const value = await action();
-    this.done.set(key, value);
-    return value;
-  }
-}
+export { MemoryEffects };
 
 /** What {@linkcode makeContext} needs. */
 export interface ContextOptions {
