@@ -6,7 +6,7 @@
  * @module
  */
 import { loadSettings, type Settings, SettingsError } from "./lib/config.ts";
-import { logger, setupLogging, teardownLogging } from "./lib/log.ts";
+import { describeError, logger, setupLogging, teardownLogging } from "./lib/log.ts";
 import { createWorker } from "./lib/worker.ts";
 
 /** Runs the worker until a stop signal; resolves with the exit code. */
@@ -38,16 +38,26 @@ export async function main(): Promise<number> {
     ["SIGINT", onSignal("SIGINT")],
   ];
   for (const [signal, listener] of signals) Deno.addSignalListener(signal, listener);
+  let code = 0;
   try {
     await worker.start();
     await stopped.promise;
+  } catch (error) {
+    const hint = error instanceof Deno.errors.AddrInUse
+      ? ` Port ${settings.workerHttpPort} is taken: set WORKER_HTTP_PORT to a free port (0 picks one).`
+      : "";
+    log.error("The worker could not start: {message}{hint}", {
+      message: describeError(error),
+      hint,
+    });
+    code = 1;
   } finally {
     await worker.close();
     for (const [signal, listener] of signals) Deno.removeSignalListener(signal, listener);
     log.info("Bye.");
     await teardownLogging();
   }
-  return 0;
+  return code;
 }
 
 if (import.meta.main) Deno.exit(await main());

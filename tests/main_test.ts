@@ -84,3 +84,21 @@ Deno.test("main: SIGTERM lets the job in flight finish, a second SIGTERM does no
     await output.catch(() => {});
   }
 });
+
+Deno.test("main: a taken health port is said plainly and exits 1", async () => {
+  const cwd = await Deno.makeTempDir();
+  const taken = Deno.listen({ hostname: "0.0.0.0", port: 0 });
+  try {
+    const child = spawnMain({
+      WORKER_HTTP_PORT: String((taken.addr as Deno.NetAddr).port),
+      REDIS_URL: "redis://127.0.0.1:1",
+    }, cwd);
+    const { code, stdout, stderr } = await child.output();
+    assert.equal(code, 1);
+    const log = new TextDecoder().decode(stdout) + new TextDecoder().decode(stderr);
+    assert.match(log, /could not start.*set WORKER_HTTP_PORT to a free port/);
+  } finally {
+    taken.close();
+    await Deno.remove(cwd, { recursive: true });
+  }
+});
