@@ -98,8 +98,6 @@ interface WorkItem {
   answers: MemoryEffects;
   /** Set once the job's end is decided but not yet written (Core was down). */
   ending?: Ending;
-  /** The model said it is unavailable at the last run (so a recovery wakes it). */
-  waitingForModel?: boolean;
 }
 
 interface Ending {
@@ -527,7 +525,6 @@ export class Consumer {
       if (!item.record) {
         item.record = await this.#ledger.load(job.jobId);
         item.effects = this.#ledger.effects(job.jobId, item.record);
-        this.#tracker.restore(job.jobId, item.record.invalidAttempts);
         if (item.record.done) {
           await this.#ledger.ack(job);
           return { outcome: "skipped" };
@@ -586,7 +583,6 @@ export class Consumer {
       if (this.#hardStop.signal.aborted) return undefined;
       throw error;
     }
-    item.waitingForModel = false;
     return {
       status: "completed",
       result: result.result,
@@ -628,8 +624,10 @@ export class Consumer {
     try {
       status = (await this.#core.getJob(job.jobId, this.#hardStop.signal)).status;
     } catch (error) {
-      if (error instanceof CoreApiError && error.status === 404) return false; // handled at the end
-      throw error;
+      if (!(error instanceof CoreApiError && error.status === 404)) throw error;
+      // Core does not know the job: nothing it could ever take, so the handler does not run.
+      item.ending = this.#failure(job, `Core does not know job ${job.jobId} (404).`);
+      return false;
     }
     if (status !== "completed" && status !== "failed") return false;
     // Crashed after Core's PATCH but before the notifications: send what was saved.
@@ -704,7 +702,6 @@ export class Consumer {
     const count = await this.#ledger.countUnavailable(job.jobId);
     item.record!.unavailableAttempts = count;
     const fromModel = error instanceof LLMError;
-    item.waitingForModel = fromModel;
     if (fromModel) {
       await this.#markProcessing(job, log);
       if (job.userId !== null) {

@@ -123,7 +123,7 @@ export class JobLedger {
   }
 
   /** Sets `flag` once; true only for the caller that set it first. */
-  async setOnce(jobId: string, flag: "told" | "processing"): Promise<boolean> {
+  async setOnce(jobId: string, flag: "processing"): Promise<boolean> {
     const results = await this.#redis.multi()
       .hsetnx(this.key(jobId), flag, "1")
       .pexpire(this.key(jobId), LEDGER_TTL_MS)

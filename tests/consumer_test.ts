@@ -626,3 +626,37 @@ Deno.test("an answer the handler refuses is not kept: the retry asks afresh", as
   assert.equal(stack.model.requests.length, 2);
   assert.deepEqual(memory.tags.map((t) => t.tag), ["cat", "sofa", "nap"]);
 });
+
+Deno.test("a redelivered job Core does not know fails without running, and is acknowledged", async () => {
+  await using stack = await startStack();
+  const payload = { message: "orphan" };
+  await stack.client.xgroup("CREATE", STREAM_OF.followup, GROUP, "0", "MKSTREAM");
+  await stack.client.xadd(
+    STREAM_OF.followup,
+    "*",
+    "data",
+    JSON.stringify({ job_id: "no-such-job", job_type: "followup", payload, user_id: 8 }),
+  );
+  await stack.client.call(
+    "XREADGROUP",
+    "GROUP",
+    GROUP,
+    "ghost",
+    "COUNT",
+    10,
+    "STREAMS",
+    STREAM_OF.followup,
+    ">",
+  );
+  await stack.startWorker({ WORKER_CLAIM_IDLE_MS: "1000" });
+  await stack.waitFor(
+    async () => Object.keys(await stack.pending()).length === 0,
+    "the XACK",
+    10_000,
+  );
+  assert.equal(stack.model.requests.length, 0, "the handler did not run");
+  const notices = await stack.notifications();
+  assert.equal(notices.length, 1);
+  assert.equal(notices[0].message_type, "llm_failure");
+  assert.equal(notices[0].user_id, 8);
+});
