@@ -9,7 +9,6 @@
  *
  * @module
  */
-import { Buffer } from "node:buffer";
 import { z } from "zod";
 import type { Logger } from "@logtape/logtape";
 import { InvalidAnswerError } from "./errors.ts";
@@ -254,10 +253,10 @@ export class ModelGateway {
       jobType: this.#jobType,
     };
     return request.image
-      ? await this.#llm.completeWithImage(
+      ? await this.#llm.completeWithImageBytes(
         model,
         request.prompt,
-        Buffer.from(await request.image.read()).toString("base64"),
+        await request.image.read(),
         request.image.mimeType,
         options,
       )

@@ -21,8 +21,12 @@ export const START_PERMISSIONS: readonly string[] = [
   "--allow-sys=hostname",
 ];
 
-/** Variables passed through from this process so that Deno finds its cache. */
+/**
+ * Variables passed through from this process: so that Deno finds its cache, and the runtime's
+ * tuning knobs (V8 flags, glibc malloc), so that a run can be measured with them.
+ */
 const PASS_THROUGH = ["PATH", "HOME", "DENO_DIR", "XDG_CACHE_HOME", "TMPDIR", "NO_COLOR"];
+const PASS_THROUGH_PREFIXES = ["DENO_V8_FLAGS", "MALLOC_", "GLIBC_TUNABLES"];
 
 /** A running worker process. */
 export interface WorkerProcess {
@@ -55,9 +59,10 @@ export function startWorkerProcess(
 ): WorkerProcess {
   const name = env.WORKER_CONSUMER_NAME ?? `worker-${crypto.randomUUID().slice(0, 8)}`;
   const passed: Record<string, string> = {};
-  for (const key of PASS_THROUGH) {
-    const value = Deno.env.get(key);
-    if (value !== undefined) passed[key] = value;
+  for (const [key, value] of Object.entries(Deno.env.toObject())) {
+    if (PASS_THROUGH.includes(key) || PASS_THROUGH_PREFIXES.some((p) => key.startsWith(p))) {
+      passed[key] = value;
+    }
   }
   const tempCwd = options.cwd ? undefined : Deno.makeTempDirSync({ prefix: "llm-worker-cwd-" });
   const child = new Deno.Command(Deno.execPath(), {
