@@ -16,8 +16,11 @@ import type {
   ChatCompletionMessageParam,
 } from "openai/resources/chat/completions";
 import { sniffImageType } from "./utils.ts";
+import { type ImageRequestBody, type ImageSource, imageRequestBody } from "./image_body.ts";
 import { type Span, SpanKind, SpanStatusCode } from "@opentelemetry/api";
 import { tracer } from "./tracing.ts";
+
+export type { ImageSource } from "./image_body.ts";
 
 /**
  * What kind of failure an {@linkcode LLMError} is.
@@ -165,8 +168,8 @@ export class LLMClient {
    * Sends a prompt with one image, given as base64, and returns the answer's text.
    *
    * The image travels as a `data:` URL whose MIME type is `mimeType`, or else the one its bytes
-   * show (JPEG, PNG, WebP, GIF). Prefer {@linkcode LLMClient.completeWithImageBytes} when the
-   * bytes are at hand: the base64 is then never made as one string.
+   * show (JPEG, PNG, WebP, GIF). {@linkcode LLMClient.completeWithImageSource} sends the same
+   * request without ever holding the image in memory.
    */
   async completeWithImage(
     model: string,
@@ -180,38 +183,42 @@ export class LLMClient {
   }
 
   /**
-   * Sends a prompt with one image, given as its bytes, and returns the answer's text.
+   * Sends a prompt with one image read from `image` while the request is sent, and returns the
+   * answer's text.
    *
-   * The request is the same as {@linkcode LLMClient.completeWithImage}'s, but its body is built
-   * as bytes: the base64 is written straight into it, piece by piece, so a large photo never
-   * becomes megabytes of short-lived strings (which V8 collects late, and which made the worker's
-   * memory grow by several MB per photo).
+   * The request is the same as {@linkcode LLMClient.completeWithImage}'s, but its body is
+   * streamed: the image is opened once the request is on its way and turned into base64 piece by
+   * piece (see {@linkcode imageRequestBody}), so a large photo costs a few 64 KiB buffers instead
+   * of several MB of strings and copies per request.
+   *
+   * An error of the image itself (`open()` throws, or its stream fails) is thrown as it is, not as
+   * an {@linkcode LLMError}: the model server is not to blame.
    *
    * @example
    * ```ts
-   * const bytes = await Deno.readFile("/data/images/cat.jpg");
-   * const answer = await llm.completeWithImageBytes("llava", "Describe this photo", bytes);
+   * const answer = await llm.completeWithImageSource("llava", "Describe this photo", {
+   *   mimeType: "image/jpeg",
+   *   open: async () => (await Deno.open("/data/images/cat.jpg")).readable,
+   * });
    * ```
    */
-  async completeWithImageBytes(
+  async completeWithImageSource(
     model: string,
     prompt: string,
-    image: Uint8Array,
-    mimeType?: string,
+    image: ImageSource,
     options: CompletionOptions = {},
   ): Promise<string> {
-    const type = mimeType ?? sniffImageType(image) ?? "image/jpeg";
-    return await this.#sendImage(model, prompt, image, type, options);
+    return await this.#sendImage(model, prompt, image, image.mimeType, options);
   }
 
   /**
-   * Sends the image request through a copy of the client whose `fetch` puts the image into the
-   * body the SDK made: the SDK only ever sees a short placeholder in the `data:` URL.
+   * Sends the image request through a copy of the client whose `fetch` streams the body: the SDK
+   * only ever sees a short placeholder in the `data:` URL.
    */
   async #sendImage(
     model: string,
     prompt: string,
-    image: Uint8Array | string,
+    image: ImageSource | string,
     mimeType: string,
     options: CompletionOptions,
   ): Promise<string> {
@@ -220,13 +227,24 @@ export class LLMClient {
       { type: "text", text: prompt },
       { type: "image_url", image_url: { url: `data:${mimeType};base64,${placeholder}` } },
     ];
+    let body: ImageRequestBody | undefined;
     const client = this.#client.withOptions({
-      fetch: (input, init) => this.#fetch(input, withImageBody(init, placeholder, image)),
+      fetch: (input, init) => {
+        body = imageRequestBody(init, placeholder, image);
+        return this.#fetch(input, { ...init, body: body.stream, duplex: "half" } as RequestInit);
+      },
     });
-    return (await this.chat(model, [{ role: "user", content }], {
-      timeoutMs: this.#imageTimeoutMs,
-      ...options,
-    }, client)).text;
+    try {
+      return (await this.#chat(
+        client,
+        model,
+        [{ role: "user", content }],
+        { timeoutMs: this.#imageTimeoutMs, ...options },
+        () => body?.imageError,
+      )).text;
+    } finally {
+      await body?.close();
+    }
   }
 
   /** Sends any list of messages; the building block of the methods above. */
@@ -234,7 +252,21 @@ export class LLMClient {
     model: string,
     messages: ChatCompletionMessageParam[],
     options: CompletionOptions = {},
-    client: OpenAI = this.#client,
+  ): Promise<Completion> {
+    return await this.#chat(this.#client, model, messages, options);
+  }
+
+  /**
+   * Sends the messages with `client`. When `localError` returns an error after a failure, the
+   * request failed on this side (the image could not be read): that error is thrown instead, and
+   * no model outcome is reported.
+   */
+  async #chat(
+    client: OpenAI,
+    model: string,
+    messages: ChatCompletionMessageParam[],
+    options: CompletionOptions,
+    localError?: () => unknown,
   ): Promise<Completion> {
     const all: ChatCompletionMessageParam[] = options.system
       ? [{ role: "system", content: options.system }, ...messages]
@@ -283,6 +315,12 @@ export class LLMClient {
         this.#report(model, started, "ok", options.jobType, completion);
         return completion;
       } catch (error) {
+        const local = localError?.();
+        if (local !== undefined) {
+          span.setStatus({ code: SpanStatusCode.ERROR, message: String(local) });
+          span.setAttribute("error.type", "image");
+          throw local;
+        }
         const failure = toLLMError(error, this.#client.baseURL);
         span.setStatus({ code: SpanStatusCode.ERROR, message: failure.message });
         span.setAttribute("error.type", failure.kind);
@@ -413,56 +451,4 @@ function decodeHead(b64: string): Uint8Array {
   } catch {
     return new Uint8Array();
   }
-}
-
-/** Bytes of the image turned into base64 at a time: a multiple of 3, so the pieces join. */
-const IMAGE_PIECE = 3 * 16_384;
-
-/**
- * The request `init` with its JSON body sent as a stream in which `placeholder` is replaced by
- * the image's base64.
- *
- * The stream yields the JSON before the placeholder, the base64 in 64 KiB pieces (each made only
- * when the connection asks for more), then the JSON after it. No copy of the whole request is ever
- * made: a string or `Uint8Array` body of a few MB is copied several times by the runtime's `fetch`
- * and freed only by V8's late major collections, which made the worker's memory grow by hundreds
- * of MB under a stream of photos. The request goes out with `Transfer-Encoding: chunked`, which
- * OpenAI, Ollama, llama.cpp's server and vLLM all accept.
- *
- * @throws {Error} when the body is not the string with the placeholder the client made.
- */
-export function withImageBody(
-  init: RequestInit | undefined,
-  placeholder: string,
-  image: Uint8Array | string,
-): RequestInit {
-  const body = init?.body;
-  const at = typeof body === "string" ? body.indexOf(placeholder) : -1;
-  if (typeof body !== "string" || at < 0) {
-    throw new Error("The image request's body lost its image placeholder; this is a bug.");
-  }
-  const encoder = new TextEncoder();
-  const head = body.slice(0, at);
-  const tail = body.slice(at + placeholder.length);
-  const base64Piece = (start: number): Uint8Array =>
-    typeof image === "string"
-      ? encoder.encode(image.slice(start, start + (IMAGE_PIECE / 3) * 4))
-      : encoder.encode(image.subarray(start, start + IMAGE_PIECE).toBase64());
-  const step = typeof image === "string" ? (IMAGE_PIECE / 3) * 4 : IMAGE_PIECE;
-  let next = -1; // -1: the head is still to send
-  const stream = new ReadableStream<Uint8Array>({
-    pull(controller) {
-      if (next < 0) {
-        controller.enqueue(encoder.encode(head));
-        next = 0;
-      } else if (next < image.length) {
-        controller.enqueue(base64Piece(next));
-        next += step;
-      } else {
-        controller.enqueue(encoder.encode(tail));
-        controller.close();
-      }
-    },
-  });
-  return { ...init, body: stream, duplex: "half" } as RequestInit;
 }

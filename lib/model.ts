@@ -13,7 +13,7 @@ import { z } from "zod";
 import type { Logger } from "@logtape/logtape";
 import { InvalidAnswerError } from "./errors.ts";
 import type { Effects } from "./handlers/types.ts";
-import { type JsonSchemaFormat, type LLMClient, LLMError } from "./llm.ts";
+import { type ImageSource, type JsonSchemaFormat, type LLMClient, LLMError } from "./llm.ts";
 import { Semaphore } from "./semaphore.ts";
 import { extractJson, sleep, stripThinking } from "./utils.ts";
 import { describeError, logger } from "./log.ts";
@@ -22,15 +22,10 @@ import { describeError, logger } from "./log.ts";
 export type ModelRole = "text" | "vision";
 
 /**
- * An image attached to a request. Its bytes are read only once the request holds a model slot, so
- * jobs waiting for a slot keep no image in memory.
+ * An image attached to a request. It is opened only once the request holds a model slot and is
+ * being sent, and read as it is sent, so no job keeps a whole image in memory.
  */
-export interface ImageInput {
-  /** Reads the image's bytes (throws when they can no longer be read). */
-  read: () => Promise<Uint8Array>;
-  /** The MIME type the bytes showed. */
-  mimeType: string;
-}
+export type ImageInput = ImageSource;
 
 /** What {@linkcode ModelGateway.askText} sends. */
 export interface TextRequest {
@@ -253,13 +248,7 @@ export class ModelGateway {
       jobType: this.#jobType,
     };
     return request.image
-      ? await this.#llm.completeWithImageBytes(
-        model,
-        request.prompt,
-        await request.image.read(),
-        request.image.mimeType,
-        options,
-      )
+      ? await this.#llm.completeWithImageSource(model, request.prompt, request.image, options)
       : await this.#llm.complete(model, request.prompt, options);
   }
 }

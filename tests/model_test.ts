@@ -109,7 +109,7 @@ Deno.test("ask with an image goes to the vision model with the image's MIME type
     prompt: "tags",
     schema: Tags,
     schemaName: "tags",
-    image: { read: () => Promise.resolve(new Uint8Array([0, 0, 0])), mimeType: "image/gif" },
+    image: { open: () => Promise.resolve([new Uint8Array([0, 0, 0])]), mimeType: "image/gif" },
   });
   const body = model.requests[0].body;
   assert.equal(body.model, "llava");
@@ -117,7 +117,7 @@ Deno.test("ask with an image goes to the vision model with the image's MIME type
   assert.equal(content[1].image_url?.url, "data:image/gif;base64,AAAA");
 });
 
-Deno.test("an image is read only once its request holds a model slot", async () => {
+Deno.test("an image is opened only once its request holds a model slot", async () => {
   const release = Promise.withResolvers<void>();
   await using model = startModelServer(async () => {
     await release.promise;
@@ -132,9 +132,9 @@ Deno.test("an image is read only once its request holds a model slot", async () 
     schema: Tags,
     schemaName: "tags",
     image: {
-      read: () => {
+      open: () => {
         reads++;
-        return Promise.resolve(new Uint8Array([0, 0, 0]));
+        return Promise.resolve([new Uint8Array([0, 0, 0])]);
       },
       mimeType: "image/gif",
     },

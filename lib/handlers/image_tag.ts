@@ -15,6 +15,7 @@ import { CoreApiError, type Memory } from "../core_api.ts";
 import { InvalidAnswerError, JobFailedError } from "../errors.ts";
 import { describeError } from "../log.ts";
 import { type ImageMimeType, sniffImageType, truncate } from "../utils.ts";
+import type { ImageInput } from "../model.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
 
 /** The largest image sent to the model: 20 MiB (most vision servers refuse more anyway). */
@@ -157,17 +158,15 @@ function formatBytes(bytes: number): string {
   return mib >= 1 ? `${Number.isInteger(mib) ? mib : mib.toFixed(1)} MB` : `${bytes} bytes`;
 }
 
-/** A checked image: the format its first bytes show, its size, and how to read it whole. */
-interface CheckedImage {
+/** A checked image: the format its first bytes show, its size, and how to read it. */
+interface CheckedImage extends ImageInput {
   mimeType: ImageMimeType;
   size: number;
-  /** Reads the whole file (done once the model request holds a slot). */
-  read: () => Promise<Uint8Array>;
 }
 
 /**
- * Finds and checks the image of a job, reading only its first bytes; the whole file is read later
- * by `read()`, which checks the size again.
+ * Finds and checks the image of a job, reading only its first bytes; the whole file is read later,
+ * while the model request is sent, by `open()`, which checks the size again.
  *
  * A relative `imagePath` is taken relative to `storage`. The real paths (symlinks resolved) of
  * both are compared, with a trailing separator, so `../` and symlinks leading out of the folder
@@ -275,19 +274,40 @@ export async function checkImage(
       },
     );
   }
-  const read = async () => {
-    let bytes: Uint8Array;
+  const open = async () => {
+    let file: Deno.FsFile;
     try {
-      bytes = await Deno.readFile(real);
+      file = await Deno.open(real);
     } catch (error) {
       if (error instanceof Deno.errors.NotFound) throw missing(error);
       throw unreadable(error);
     }
-    // The file may have grown since it was measured.
-    if (bytes.length > maxBytes) throw tooLarge(bytes.length);
-    return bytes;
+    return readChecked(file.readable, maxBytes, tooLarge, unreadable);
   };
-  return { mimeType, size: info.size, read };
+  return { mimeType, size: info.size, open };
+}
+
+/**
+ * The file's chunks, failing with `tooLarge` once more than `maxBytes` came (the file may have
+ * grown since it was measured) and with `unreadable` when reading fails. Ending early (or failing)
+ * cancels `chunks`, which closes the file.
+ */
+async function* readChecked(
+  chunks: ReadableStream<Uint8Array>,
+  maxBytes: number,
+  tooLarge: (size: number) => JobFailedError,
+  unreadable: (cause: unknown) => JobFailedError,
+): AsyncGenerator<Uint8Array, void, undefined> {
+  let size = 0;
+  try {
+    for await (const chunk of chunks) {
+      size += chunk.length;
+      if (size > maxBytes) throw tooLarge(size);
+      yield chunk;
+    }
+  } catch (error) {
+    throw error instanceof JobFailedError ? error : unreadable(error);
+  }
 }
 
 /** Builds the `image_tag` handler; `options.maxImageBytes` lets tests use a small limit. */

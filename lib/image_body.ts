@@ -1,0 +1,136 @@
+/**
+ * The body of a vision request, streamed: the JSON the `openai` SDK made, with the image's
+ * base64 written in place of a placeholder while the request is being sent.
+ *
+ * Why: built the usual way, a 1 MB photo becomes a 1.33 MB base64 string, a data URL, a 1.4 MB
+ * JSON string, and then copies of it inside the runtime's `fetch`: about 8 MB of short-lived
+ * memory per photo that V8 frees only in its late major collections, so a worker tagging photos
+ * grew to hundreds of MB. Streamed, a request holds the JSON's two ends, one 48 KiB buffer and
+ * the 64 KiB piece being sent. The request goes out with `Transfer-Encoding: chunked`, which
+ * OpenAI, Ollama, llama.cpp's server and vLLM accept.
+ *
+ * @module
+ */
+
+/** An image read only while its request is being sent. */
+export interface ImageSource {
+  /** The image's MIME type, e.g. `image/png`. */
+  mimeType: string;
+  /**
+   * Opens the image's bytes. Called at most once per request, once the request is on its way;
+   * what it throws, or its chunks throw, is what the request throws.
+   */
+  open(): Promise<AsyncIterable<Uint8Array> | Iterable<Uint8Array>>;
+}
+
+/** A streamed request body, from {@linkcode imageRequestBody}. */
+export interface ImageRequestBody {
+  /** The body to send. */
+  readonly stream: ReadableStream<Uint8Array>;
+  /** What the image threw while it was read, if it did (the request then failed). */
+  readonly imageError: unknown;
+  /** Closes the image when the request ended before reading all of it. */
+  close(): Promise<void>;
+}
+
+/** Bytes of the image turned into base64 at a time: a multiple of 3, so the pieces join. */
+const PIECE_BYTES = 3 * 16_384;
+
+/**
+ * Streams `init.body` (the SDK's JSON, a string) with `placeholder` replaced by the base64 of
+ * `image`: its bytes from an {@linkcode ImageSource}, or base64 already.
+ *
+ * @example
+ * ```ts
+ * const init = { method: "POST", body: '{"url":"data:image/png;base64,IMG"}' };
+ * const body = imageRequestBody(init, "IMG", "iVBORw0KGgo=");
+ * await new Response(body.stream).text(); // '{"url":"data:image/png;base64,iVBORw0KGgo="}'
+ * ```
+ *
+ * @throws {Error} when the body is not a string holding the placeholder.
+ */
+export function imageRequestBody(
+  init: RequestInit | undefined,
+  placeholder: string,
+  image: ImageSource | string,
+): ImageRequestBody {
+  const json = init?.body;
+  const at = typeof json === "string" ? json.indexOf(placeholder) : -1;
+  if (typeof json !== "string" || at < 0) {
+    throw new Error("The image request's body lost its image placeholder; this is a bug.");
+  }
+  const encoder = new TextEncoder();
+  let head: string | undefined = json.slice(0, at);
+  const tail = json.slice(at + placeholder.length);
+  let imageError: unknown;
+  const pieces = typeof image === "string" ? stringPieces(image) : base64Pieces(image, (error) => {
+    imageError = error;
+  });
+  const stream = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      if (head !== undefined) {
+        controller.enqueue(encoder.encode(head));
+        head = undefined;
+        return;
+      }
+      const next = await pieces.next();
+      if (next.done) {
+        controller.enqueue(encoder.encode(tail));
+        controller.close();
+      } else {
+        controller.enqueue(encoder.encode(next.value));
+      }
+    },
+    async cancel() {
+      await pieces.return(undefined);
+    },
+  });
+  return {
+    stream,
+    get imageError() {
+      return imageError;
+    },
+    async close() {
+      await pieces.return(undefined);
+    },
+  };
+}
+
+/** The base64 of the source's bytes, in pieces of at most 64 KiB of text. */
+async function* base64Pieces(
+  source: ImageSource,
+  onError: (error: unknown) => void,
+): AsyncGenerator<string, void, undefined> {
+  const pending = new Uint8Array(PIECE_BYTES);
+  let filled = 0;
+  try {
+    for await (const chunk of await source.open()) {
+      let offset = 0;
+      while (offset < chunk.length) {
+        if (filled === 0 && chunk.length - offset >= PIECE_BYTES) {
+          yield chunk.subarray(offset, offset + PIECE_BYTES).toBase64();
+          offset += PIECE_BYTES;
+          continue;
+        }
+        const take = Math.min(PIECE_BYTES - filled, chunk.length - offset);
+        pending.set(chunk.subarray(offset, offset + take), filled);
+        filled += take;
+        offset += take;
+        if (filled === PIECE_BYTES) {
+          yield pending.toBase64();
+          filled = 0;
+        }
+      }
+    }
+  } catch (error) {
+    onError(error);
+    throw error;
+  }
+  if (filled > 0) yield pending.subarray(0, filled).toBase64();
+}
+
+/** Base64 text already made, in pieces of 64 KiB. */
+function* stringPieces(base64: string): Generator<string, void, undefined> {
+  const size = (PIECE_BYTES / 3) * 4;
+  for (let start = 0; start < base64.length; start += size) yield base64.slice(start, start + size);
+}
