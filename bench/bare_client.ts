@@ -1,6 +1,7 @@
 /**
- * The benchmark's ceiling: plain `openai` SDK calls against the same fake model, with the same
- * concurrency and the same requests as the worker, and nothing else (no Redis, no Core). Run as
+ * The benchmark's ceiling: the worker's model client (`LLMClient`, the `openai` SDK with the
+ * image streamed into the request) calling the same fake model, with the same concurrency and
+ * the same requests as the worker, and nothing else (no Redis, no Core, no scheduling). Run as
  * its own process, like the worker, by `bench/bench.ts`:
  *
  * ```sh
@@ -11,8 +12,7 @@
  *
  * @module
  */
-import { Buffer } from "node:buffer";
-import OpenAI from "openai";
+import { LLMClient } from "../lib/llm.ts";
 import { clockMs } from "./fake_model.ts";
 
 /** One request of the spec. */
@@ -21,7 +21,7 @@ export interface BareRequest {
   schema?: string;
   /** The user prompt. */
   text: string;
-  /** An image file to send with it (read and base64-encoded per request, as the worker does). */
+  /** An image file to send with it (read while the request is sent, as the worker does). */
   image?: string;
 }
 
@@ -52,38 +52,27 @@ const SCHEMA = {
   additionalProperties: false,
 };
 
-async function send(client: OpenAI, request: BareRequest, suffix = ""): Promise<void> {
+async function send(client: LLMClient, request: BareRequest, suffix = ""): Promise<void> {
   const text = request.text + suffix;
-  const content: OpenAI.ChatCompletionContentPart[] | string = request.image
-    ? [
-      { type: "text", text },
-      {
-        type: "image_url",
-        image_url: {
-          url: `data:image/png;base64,${
-            Buffer.from(await Deno.readFile(request.image)).toString("base64")
-          }`,
-        },
-      },
-    ]
-    : text;
-  const response = await client.chat.completions.create({
-    model: request.image ? "llava" : "mistral",
-    temperature: 0.3,
-    messages: [{ role: "system", content: SYSTEM }, { role: "user", content }],
-    ...(request.schema
-      ? {
-        response_format: {
-          type: "json_schema" as const,
-          json_schema: { name: request.schema, schema: SCHEMA, strict: true },
-        },
-      }
-      : {}),
-  });
-  if (response.choices[0]?.message?.content === undefined) throw new Error("no answer");
+  const options = {
+    system: SYSTEM,
+    jsonSchema: request.schema ? { name: request.schema, schema: SCHEMA } : undefined,
+  };
+  const image = request.image;
+  const answer = image
+    ? await client.completeWithImageSource("llava", text, {
+      mimeType: "image/png",
+      open: async () => (await Deno.open(image)).readable,
+    }, options)
+    : await client.complete("mistral", text, options);
+  if (typeof answer !== "string") throw new Error("no answer");
 }
 
-async function pool(client: OpenAI, requests: BareRequest[], concurrency: number): Promise<void> {
+async function pool(
+  client: LLMClient,
+  requests: BareRequest[],
+  concurrency: number,
+): Promise<void> {
   let next = 0;
   await Promise.all(
     Array.from({ length: Math.min(concurrency, requests.length) }, async () => {
@@ -94,7 +83,7 @@ async function pool(client: OpenAI, requests: BareRequest[], concurrency: number
 
 /** Runs the spec and prints the result line. */
 export async function runBareClient(spec: BareSpec): Promise<void> {
-  const client = new OpenAI({ baseURL: spec.url, apiKey: "not-needed", maxRetries: 0 });
+  const client = new LLMClient({ baseUrl: spec.url });
   await pool(client, spec.warmup, spec.concurrency);
   const started = performance.now();
   if (spec.mode === "throughput") {

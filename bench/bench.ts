@@ -4,7 +4,7 @@
  * Starts a private Redis, a fake OpenAI-compatible model server (`bench/fake_model.ts`) with a
  * fixed latency and the Core emulator (request log off), then runs the real worker as its own
  * process, exactly as `deno task start` does, and measures the five figures of issue 5. In the same
- * run a bare client (`bench/bare_client.ts`: plain `openai` SDK calls, same concurrency, same
+ * run a bare client (`bench/bare_client.ts`: the worker's model client alone, same concurrency, same
  * requests, no Redis or Core) gives the ceiling. Prints a table and writes `bench/results.json`.
  *
  * Options: `--only=1,3` runs only those scenarios; `--scale=0.2` runs fewer jobs (a quick look).

@@ -6,7 +6,7 @@
  * JSON string, and then copies of it inside the runtime's `fetch`: about 8 MB of short-lived
  * memory per photo that V8 frees only in its late major collections, so a worker tagging photos
  * grew to hundreds of MB. Streamed, a request holds the JSON's two ends, one 48 KiB buffer and
- * the 64 KiB piece being sent. The request goes out with `Transfer-Encoding: chunked`, which
+ * two or three 64 KiB pieces of base64 (the one being sent and the next). The request goes out with `Transfer-Encoding: chunked`, which
  * OpenAI, Ollama, llama.cpp's server and vLLM accept.
  *
  * @module
@@ -35,51 +35,74 @@ export interface ImageRequestBody {
 
 /** Bytes of the image turned into base64 at a time: a multiple of 3, so the pieces join. */
 const PIECE_BYTES = 3 * 16_384;
+/** The base64 of a full piece: 64 KiB of text. */
+const PIECE_TEXT = (PIECE_BYTES / 3) * 4;
 
 /**
  * Streams `init.body` (the SDK's JSON, a string) with `placeholder` replaced by the base64 of
  * `image`: its bytes from an {@linkcode ImageSource}, or base64 already.
  *
+ * Resolves once the first chunk (the JSON's head and the first 64 KiB of base64; a small image's
+ * whole body) is ready, so the runtime sends it with the request's headers. Every chunk is sent
+ * whole: had the headers gone out alone while the image was still being read, the next small
+ * write would wait for the server's delayed ACK (Nagle's algorithm), about 40 ms per request.
+ * The last full piece of base64 goes with the rest and the JSON's tail for the same reason.
+ *
  * @example
  * ```ts
  * const init = { method: "POST", body: '{"url":"data:image/png;base64,IMG"}' };
- * const body = imageRequestBody(init, "IMG", "iVBORw0KGgo=");
+ * const body = await imageRequestBody(init, "IMG", "iVBORw0KGgo=");
  * await new Response(body.stream).text(); // '{"url":"data:image/png;base64,iVBORw0KGgo="}'
  * ```
  *
- * @throws {Error} when the body is not a string holding the placeholder.
+ * @throws {Error} when the body is not a string holding the placeholder; what the image's
+ * `open()` or first chunk throws.
  */
-export function imageRequestBody(
+export async function imageRequestBody(
   init: RequestInit | undefined,
   placeholder: string,
   image: ImageSource | string,
-): ImageRequestBody {
+): Promise<ImageRequestBody> {
   const json = init?.body;
   const at = typeof json === "string" ? json.indexOf(placeholder) : -1;
   if (typeof json !== "string" || at < 0) {
     throw new Error("The image request's body lost its image placeholder; this is a bug.");
   }
   const encoder = new TextEncoder();
-  let head: string | undefined = json.slice(0, at);
   const tail = json.slice(at + placeholder.length);
   let imageError: unknown;
   const pieces = typeof image === "string" ? stringPieces(image) : base64Pieces(image, (error) => {
     imageError = error;
   });
+  // The next piece, read ahead so that the last chunk can carry the JSON's tail.
+  let ahead: IteratorResult<string, void> | undefined;
+  const nextChunk = async (): Promise<{ text: string; last: boolean }> => {
+    const current = ahead ?? await pieces.next();
+    ahead = current.done ? current : await pieces.next();
+    let text = current.done ? "" : current.value;
+    if (!ahead.done && ahead.value.length < PIECE_TEXT) { // the short last piece
+      text += ahead.value;
+      ahead = await pieces.next();
+    }
+    return { text, last: ahead.done === true };
+  };
+  let first: { text: string; last: boolean };
+  try {
+    first = await nextChunk();
+  } catch (error) {
+    await pieces.return(undefined);
+    throw error;
+  }
   const stream = new ReadableStream<Uint8Array>({
+    start(controller) {
+      const head = json.slice(0, at);
+      controller.enqueue(encoder.encode(head + first.text + (first.last ? tail : "")));
+      if (first.last) controller.close();
+    },
     async pull(controller) {
-      if (head !== undefined) {
-        controller.enqueue(encoder.encode(head));
-        head = undefined;
-        return;
-      }
-      const next = await pieces.next();
-      if (next.done) {
-        controller.enqueue(encoder.encode(tail));
-        controller.close();
-      } else {
-        controller.enqueue(encoder.encode(next.value));
-      }
+      const { text, last } = await nextChunk();
+      controller.enqueue(encoder.encode(last ? text + tail : text));
+      if (last) controller.close();
     },
     async cancel() {
       await pieces.return(undefined);
@@ -131,6 +154,7 @@ async function* base64Pieces(
 
 /** Base64 text already made, in pieces of 64 KiB. */
 function* stringPieces(base64: string): Generator<string, void, undefined> {
-  const size = (PIECE_BYTES / 3) * 4;
-  for (let start = 0; start < base64.length; start += size) yield base64.slice(start, start + size);
+  for (let start = 0; start < base64.length; start += PIECE_TEXT) {
+    yield base64.slice(start, start + PIECE_TEXT);
+  }
 }

@@ -16,7 +16,7 @@ import type {
   ChatCompletionMessageParam,
 } from "openai/resources/chat/completions";
 import { sniffImageType } from "./utils.ts";
-import { type ImageRequestBody, type ImageSource, imageRequestBody } from "./image_body.ts";
+import { type ImageRequestBody, imageRequestBody, type ImageSource } from "./image_body.ts";
 import { type Span, SpanKind, SpanStatusCode } from "@opentelemetry/api";
 import { tracer } from "./tracing.ts";
 
@@ -228,10 +228,21 @@ export class LLMClient {
       { type: "image_url", image_url: { url: `data:${mimeType};base64,${placeholder}` } },
     ];
     let body: ImageRequestBody | undefined;
+    let imageError: unknown;
     const client = this.#client.withOptions({
-      fetch: (input, init) => {
-        body = imageRequestBody(init, placeholder, image);
-        return this.#fetch(input, { ...init, body: body.stream, duplex: "half" } as RequestInit);
+      fetch: async (input, init) => {
+        body = undefined;
+        try {
+          body = await imageRequestBody(init, placeholder, image);
+        } catch (error) {
+          imageError = error;
+          throw error;
+        }
+        return await this.#fetch(input, {
+          ...init,
+          body: body.stream,
+          duplex: "half",
+        } as RequestInit);
       },
     });
     try {
@@ -240,7 +251,7 @@ export class LLMClient {
         model,
         [{ role: "user", content }],
         { timeoutMs: this.#imageTimeoutMs, ...options },
-        () => body?.imageError,
+        () => imageError ?? body?.imageError,
       )).text;
     } finally {
       await body?.close();

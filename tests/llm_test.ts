@@ -118,6 +118,83 @@ Deno.test("completeWithImage sends a text part and a PNG data URL sniffed from t
   assert.equal(imageUrl, `data:image/png;base64,${PNG_B64}`);
 });
 
+Deno.test("completeWithImageSource streams the file into the same request", async () => {
+  await using model = startModelServer(() => "A large picture");
+  const path = await Deno.makeTempFile({ suffix: ".png" });
+  try {
+    const bytes = new Uint8Array(300_000);
+    for (let at = 0; at < bytes.length; at += 65_536) {
+      crypto.getRandomValues(bytes.subarray(at, at + 65_536));
+    }
+    bytes.set(PNG_BYTES);
+    await Deno.writeFile(path, bytes);
+    const llm = new LLMClient({ baseUrl: model.url });
+    const text = await llm.completeWithImageSource("llava", "Describe this", {
+      mimeType: "image/png",
+      open: async () => (await Deno.open(path)).readable,
+    }, { system: "Be brief." });
+    assert.equal(text, "A large picture");
+    const request = model.requests[0];
+    assert.equal(request.headers.get("transfer-encoding"), "chunked");
+    assert.equal(request.headers.get("content-type"), "application/json");
+    assert.equal(request.body.model, "llava");
+    assert.deepEqual(request.body.messages[0], { role: "system", content: "Be brief." });
+    const content = request.body.messages.at(-1)?.content as Array<Record<string, unknown>>;
+    assert.deepEqual(content[0], { type: "text", text: "Describe this" });
+    assert.equal(
+      (content[1].image_url as { url: string }).url,
+      `data:image/png;base64,${bytes.toBase64()}`,
+    );
+  } finally {
+    await Deno.remove(path);
+  }
+});
+
+Deno.test("completeWithImageSource: the image's own failure is thrown as it is, not blamed on the model", async () => {
+  await using model = startModelServer(() => "never");
+  const events: CompletionEvent[] = [];
+  const llm = new LLMClient({ baseUrl: model.url, onCompletion: (event) => events.push(event) });
+  const gone = new Error("the photo was deleted");
+  await assert.rejects(
+    llm.completeWithImageSource("llava", "Describe", {
+      mimeType: "image/png",
+      open: () => Promise.reject(gone),
+    }),
+    (error) => error === gone,
+  );
+  const broken = new Error("read failed half way");
+  await assert.rejects(
+    llm.completeWithImageSource("llava", "Describe", {
+      mimeType: "image/png",
+      open: () =>
+        Promise.resolve((async function* () {
+          for (let i = 0; i < 4; i++) yield new Uint8Array(49_152);
+          throw broken;
+        })()),
+    }),
+    (error) => error === broken,
+  );
+  assert.deepEqual(events, [], "no model outcome is reported for a request that never was");
+});
+
+Deno.test("completeWithImageSource: a refused connection is unavailable and the file is closed", async () => {
+  const path = await Deno.makeTempFile({ suffix: ".png" });
+  try {
+    await Deno.writeFile(path, new Uint8Array(200_000));
+    const llm = new LLMClient({ baseUrl: `http://127.0.0.1:${freePort()}/v1` });
+    await llmFailure(
+      llm.completeWithImageSource("llava", "Describe", {
+        mimeType: "image/png",
+        open: async () => (await Deno.open(path)).readable,
+      }),
+      "unavailable",
+    );
+    // The test's resource sanitizer fails it if the file were left open.
+  } finally {
+    await Deno.remove(path);
+  }
+});
+
 Deno.test("completeWithImage sniffs JPEG, GIF and WebP too", async () => {
   await using model = startModelServer(() => "ok");
   const llm = new LLMClient({ baseUrl: model.url });

@@ -419,6 +419,44 @@ Deno.test("image_tag: a file over the limit is refused before it is read", async
   });
 });
 
+Deno.test("image_tag: a file that grows past the limit or goes away after the check fails the job", async (t) => {
+  await using fs = await tempStorage();
+  const small = createImageTagHandler({ maxImageBytes: 200_000 }) as JobHandler<unknown>;
+  const cases: Array<[string, (path: string) => Promise<void>, RegExp]> = [
+    ["grows", (path) => Deno.writeFile(path, new Uint8Array(300_000)), /over the limit/],
+    ["goes away", (path) => Deno.remove(path), /does not exist/],
+  ];
+  for (const [name, change, pattern] of cases) {
+    await t.step(name, async () => {
+      const path = join(fs.storage, `photo-${name.replace(" ", "-")}.png`);
+      await Deno.writeFile(path, PNG);
+      await using core = startCoreEmulator();
+      await using model = startModelServer(() => ANSWER);
+      const memory = core.seedMemory({ owner_user_id: 1, media_type: "image" });
+      const { ctx } = makeContext({
+        jobType: "image_tag",
+        payload: { memory_id: memory.id, image_path: path },
+        coreUrl: core.url,
+        modelUrl: model.url,
+        env: { IMAGE_STORAGE_PATH: fs.storage },
+      });
+      // The file changes between the check and the model request (while Core is asked).
+      const getMemory = ctx.core.getMemory.bind(ctx.core);
+      ctx.core.getMemory = async (id, signal) => {
+        await change(path);
+        return await getMemory(id, signal);
+      };
+      await assert.rejects(runJob(small, ctx), (error) => {
+        assert.ok(error instanceof JobFailedError, `expected JobFailedError, got ${error}`);
+        assert.match(error.message, pattern);
+        return true;
+      });
+      assert.equal(model.requests.length, 0, "no whole request reached the model");
+      assert.equal(tagPosts(core).length, 0);
+    });
+  }
+});
+
 Deno.test("image_tag: an answer with no usable tag is an invalid answer and posts nothing", async () => {
   await using fs = await tempStorage();
   await using core = startCoreEmulator();

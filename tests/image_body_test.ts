@@ -1,0 +1,142 @@
+import assert from "node:assert/strict";
+import { imageRequestBody, type ImageSource } from "../lib/image_body.ts";
+
+const JSON_BODY = '{"messages":[{"content":[{"type":"image_url","image_url":' +
+  '{"url":"data:image/png;base64,IMAGE1"}}]}],"model":"llava"}';
+const INIT = { method: "POST", body: JSON_BODY };
+
+/** Random bytes (crypto.getRandomValues fills at most 64 KiB at a time). */
+function randomBytes(length: number): Uint8Array {
+  const bytes = new Uint8Array(length);
+  for (let at = 0; at < length; at += 65_536) {
+    crypto.getRandomValues(bytes.subarray(at, at + 65_536));
+  }
+  return bytes;
+}
+
+/** A source yielding `bytes` cut at the given sizes, recording whether it was closed. */
+function sourceOf(bytes: Uint8Array, sizes: number[]): ImageSource & { closed: boolean } {
+  const source = {
+    mimeType: "image/png",
+    closed: false,
+    open: () =>
+      Promise.resolve((async function* () {
+        try {
+          let at = 0;
+          for (let i = 0; at < bytes.length; i++) {
+            const size = sizes[i % sizes.length];
+            yield bytes.subarray(at, at + size);
+            at += size;
+          }
+        } finally {
+          source.closed = true;
+        }
+      })()),
+  };
+  return source;
+}
+
+/** Every chunk the stream yields, decoded as text. */
+async function chunksOf(stream: ReadableStream<Uint8Array>): Promise<string[]> {
+  const decoder = new TextDecoder();
+  return (await Array.fromAsync(stream)).map((chunk) => decoder.decode(chunk));
+}
+
+/** The image bytes written into the body in place of the placeholder. */
+function imageIn(body: string): Uint8Array {
+  const url = JSON.parse(body).messages[0].content[0].image_url.url as string;
+  assert.ok(url.startsWith("data:image/png;base64,"));
+  return Uint8Array.fromBase64(url.slice("data:image/png;base64,".length));
+}
+
+Deno.test("the placeholder becomes the base64 of the bytes, whatever the chunk sizes", async () => {
+  for (
+    const [length, sizes] of [
+      [0, [1]],
+      [1, [1]],
+      [2, [1]],
+      [1000, [7, 13]],
+      [49_152, [49_152]],
+      [49_153, [49_151, 2]],
+      [300_001, [65_536]],
+      [300_001, [1, 100_000, 3]],
+    ] as Array<[number, number[]]>
+  ) {
+    const bytes = randomBytes(length);
+    const source = sourceOf(bytes, sizes);
+    const body = await imageRequestBody(INIT, "IMAGE1", source);
+    const text = (await chunksOf(body.stream)).join("");
+    assert.deepEqual(imageIn(text), bytes, `${length} bytes in chunks of ${sizes}`);
+    assert.ok(source.closed, "the source is read to its end");
+    assert.equal(body.imageError, undefined);
+  }
+});
+
+Deno.test("a small image is one chunk; a large one goes in 64 KiB pieces, the tail with the last", async () => {
+  const small = await chunksOf(
+    (await imageRequestBody(INIT, "IMAGE1", sourceOf(randomBytes(5_000), [4096]))).stream,
+  );
+  assert.equal(small.length, 1, "head, image and tail in one write");
+
+  const large = await chunksOf(
+    (await imageRequestBody(INIT, "IMAGE1", sourceOf(randomBytes(1_000_000), [65_536]))).stream,
+  );
+  // 1,000,000 bytes = 20 full pieces of 49,152 bytes and 16,960 more: 21 chunks, the short last
+  // piece going out with the full one before it and the JSON's tail.
+  assert.equal(large.length, 20);
+  assert.ok(large[0].startsWith(JSON_BODY.slice(0, JSON_BODY.indexOf("IMAGE1"))));
+  assert.ok(large.at(-1)!.endsWith('"}}]}],"model":"llava"}'));
+  for (const middle of large.slice(1, -1)) assert.equal(middle.length, 65_536);
+});
+
+Deno.test("base64 text already made is copied in as it is", async () => {
+  const base64 = randomBytes(200_000).toBase64();
+  const body = await imageRequestBody(INIT, "IMAGE1", base64);
+  const text = (await chunksOf(body.stream)).join("");
+  assert.equal(text, JSON_BODY.replace("IMAGE1", base64));
+});
+
+Deno.test("an image that cannot be opened fails before anything is sent", async () => {
+  const missing = new Error("no such file");
+  const source: ImageSource = { mimeType: "image/png", open: () => Promise.reject(missing) };
+  await assert.rejects(imageRequestBody(INIT, "IMAGE1", source), (error) => error === missing);
+});
+
+Deno.test("an image failing half way errors the stream and is kept as imageError", async () => {
+  const broken = new Error("disk gone");
+  const source: ImageSource = {
+    mimeType: "image/png",
+    open: () =>
+      Promise.resolve((async function* () {
+        for (let i = 0; i < 3; i++) yield new Uint8Array(49_152);
+        throw broken;
+      })()),
+  };
+  const body = await imageRequestBody(INIT, "IMAGE1", source);
+  await assert.rejects(chunksOf(body.stream), (error) => error === broken);
+  assert.equal(body.imageError, broken);
+});
+
+Deno.test("close() before the end closes the image; cancelling the stream does too", async () => {
+  const first = sourceOf(randomBytes(500_000), [49_152]);
+  const body = await imageRequestBody(INIT, "IMAGE1", first);
+  const reader = body.stream.getReader();
+  await reader.read();
+  reader.releaseLock();
+  assert.equal(first.closed, false);
+  await body.close();
+  assert.equal(first.closed, true);
+
+  const second = sourceOf(randomBytes(500_000), [49_152]);
+  const cancelled = await imageRequestBody(INIT, "IMAGE1", second);
+  await cancelled.stream.cancel();
+  assert.equal(second.closed, true);
+});
+
+Deno.test("a body without the placeholder is a bug, said as one", async () => {
+  await assert.rejects(
+    imageRequestBody({ body: "{}" }, "IMAGE1", "AAAA"),
+    /lost its image placeholder/,
+  );
+  await assert.rejects(imageRequestBody(undefined, "IMAGE1", "AAAA"), /lost its image placeholder/);
+});
