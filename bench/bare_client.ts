@@ -12,6 +12,7 @@
  *
  * @module
  */
+import { imageFileChunks } from "../lib/image_body.ts";
 import { LLMClient } from "../lib/llm.ts";
 import { clockMs } from "./fake_model.ts";
 
@@ -52,6 +53,15 @@ const SCHEMA = {
   additionalProperties: false,
 };
 
+const sizes = new Map<string, number>();
+
+/** The size of an image file, measured once (the worker measures each job's when checking it). */
+function sizeOf(path: string): number {
+  let size = sizes.get(path);
+  if (size === undefined) sizes.set(path, size = Deno.statSync(path).size);
+  return size;
+}
+
 async function send(client: LLMClient, request: BareRequest, suffix = ""): Promise<void> {
   const text = request.text + suffix;
   const options = {
@@ -62,7 +72,7 @@ async function send(client: LLMClient, request: BareRequest, suffix = ""): Promi
   const answer = image
     ? await client.completeWithImageSource("llava", text, {
       mimeType: "image/png",
-      open: async () => (await Deno.open(image)).readable,
+      open: () => imageFileChunks(image, sizeOf(image)),
     }, options)
     : await client.complete("mistral", text, options);
   if (typeof answer !== "string") throw new Error("no answer");

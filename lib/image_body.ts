@@ -23,10 +23,13 @@ export interface ImageSource {
   open(): Promise<AsyncIterable<Uint8Array> | Iterable<Uint8Array>>;
 }
 
-/** A streamed request body, from {@linkcode imageRequestBody}. */
+/** A request body with its image, from {@linkcode imageRequestBody}. */
 export interface ImageRequestBody {
-  /** The body to send. */
-  readonly stream: ReadableStream<Uint8Array>;
+  /**
+   * The body to send: the whole body at once when it is one chunk (a small image, sent with a
+   * `Content-Length`), else a stream (sent with `Transfer-Encoding: chunked`).
+   */
+  readonly body: Uint8Array | ReadableStream<Uint8Array>;
   /** What the image threw while it was read, if it did (the request then failed). */
   readonly imageError: unknown;
   /** Closes the image when the request ended before reading all of it. */
@@ -42,8 +45,9 @@ const PIECE_TEXT = (PIECE_BYTES / 3) * 4;
  * Streams `init.body` (the SDK's JSON, a string) with `placeholder` replaced by the base64 of
  * `image`: its bytes from an {@linkcode ImageSource}, or base64 already.
  *
- * Resolves once the first chunk (the JSON's head and the first 64 KiB of base64; a small image's
- * whole body) is ready, so the runtime sends it with the request's headers. Every chunk is sent
+ * Resolves once the first chunk (the JSON's head and the first 64 KiB of base64) is ready, so the
+ * runtime sends it with the request's headers; a small image's whole body is that one chunk, and
+ * is then sent as plain bytes with a `Content-Length`. Every chunk is sent
  * whole: had the headers gone out alone while the image was still being read, the next small
  * write would wait for the server's delayed ACK (Nagle's algorithm), about 40 ms per request.
  * The last full piece of base64 goes with the rest and the JSON's tail for the same reason.
@@ -52,7 +56,7 @@ const PIECE_TEXT = (PIECE_BYTES / 3) * 4;
  * ```ts
  * const init = { method: "POST", body: '{"url":"data:image/png;base64,IMG"}' };
  * const body = await imageRequestBody(init, "IMG", "iVBORw0KGgo=");
- * await new Response(body.stream).text(); // '{"url":"data:image/png;base64,iVBORw0KGgo="}'
+ * new TextDecoder().decode(body.body as Uint8Array); // '{"url":"data:image/png;base64,iVBORw0KGgo="}'
  * ```
  *
  * @throws {Error} when the body is not a string holding the placeholder; what the image's
@@ -93,11 +97,10 @@ export async function imageRequestBody(
     await pieces.return(undefined);
     throw error;
   }
-  const stream = new ReadableStream<Uint8Array>({
+  const firstChunk = encoder.encode(json.slice(0, at) + first.text + (first.last ? tail : ""));
+  const body = first.last ? firstChunk : new ReadableStream<Uint8Array>({
     start(controller) {
-      const head = json.slice(0, at);
-      controller.enqueue(encoder.encode(head + first.text + (first.last ? tail : "")));
-      if (first.last) controller.close();
+      controller.enqueue(firstChunk);
     },
     async pull(controller) {
       const { text, last } = await nextChunk();
@@ -109,7 +112,7 @@ export async function imageRequestBody(
     },
   });
   return {
-    stream,
+    body,
     get imageError() {
       return imageError;
     },
@@ -156,5 +159,40 @@ async function* base64Pieces(
 function* stringPieces(base64: string): Generator<string, void, undefined> {
   for (let start = 0; start < base64.length; start += PIECE_TEXT) {
     yield base64.slice(start, start + PIECE_TEXT);
+  }
+}
+
+/** Files up to this size are read in one go: one runtime call instead of four. */
+const READ_WHOLE_BYTES = 65_536;
+
+/**
+ * The bytes of the file at `path` as an image source's chunks: read whole when `expectedSize`
+ * (what `stat` said) is small, else read in 64 KiB chunks from a handle that is closed once the
+ * file is read to its end, or as soon as the reader stops or fails.
+ *
+ * @example
+ * ```ts
+ * const { size } = await Deno.stat(path);
+ * const source = { mimeType: "image/jpeg", open: () => imageFileChunks(path, size) };
+ * ```
+ */
+export async function imageFileChunks(
+  path: string,
+  expectedSize: number,
+): Promise<Iterable<Uint8Array> | AsyncIterable<Uint8Array>> {
+  if (expectedSize <= READ_WHOLE_BYTES) return [await Deno.readFile(path)];
+  return fileChunks(await Deno.open(path));
+}
+
+async function* fileChunks(file: Deno.FsFile): AsyncGenerator<Uint8Array, void, undefined> {
+  try {
+    while (true) {
+      const buffer = new Uint8Array(65_536);
+      const read = await file.read(buffer);
+      if (read === null) return;
+      yield buffer.subarray(0, read);
+    }
+  } finally {
+    file.close();
   }
 }

@@ -238,10 +238,11 @@ export class LLMClient {
           imageError = error;
           throw error;
         }
+        const streamed = body.body instanceof ReadableStream;
         return await this.#fetch(input, {
           ...init,
-          body: body.stream,
-          duplex: "half",
+          body: body.body,
+          ...(streamed ? { duplex: "half" } : {}),
         } as RequestInit);
       },
     });

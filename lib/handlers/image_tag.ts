@@ -15,6 +15,7 @@ import { CoreApiError, type Memory } from "../core_api.ts";
 import { InvalidAnswerError, JobFailedError } from "../errors.ts";
 import { describeError } from "../log.ts";
 import { type ImageMimeType, sniffImageType, truncate } from "../utils.ts";
+import { imageFileChunks } from "../image_body.ts";
 import type { ImageInput } from "../model.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
 
@@ -275,14 +276,14 @@ export async function checkImage(
     );
   }
   const open = async () => {
-    let file: Deno.FsFile;
+    let chunks: Iterable<Uint8Array> | AsyncIterable<Uint8Array>;
     try {
-      file = await Deno.open(real);
+      chunks = await imageFileChunks(real, info.size);
     } catch (error) {
       if (error instanceof Deno.errors.NotFound) throw missing(error);
       throw unreadable(error);
     }
-    return readChecked(file.readable, maxBytes, tooLarge, unreadable);
+    return readChecked(chunks, maxBytes, tooLarge, unreadable);
   };
   return { mimeType, size: info.size, open };
 }
@@ -290,10 +291,10 @@ export async function checkImage(
 /**
  * The file's chunks, failing with `tooLarge` once more than `maxBytes` came (the file may have
  * grown since it was measured) and with `unreadable` when reading fails. Ending early (or failing)
- * cancels `chunks`, which closes the file.
+ * ends `chunks`, which closes the file.
  */
 async function* readChecked(
-  chunks: ReadableStream<Uint8Array>,
+  chunks: Iterable<Uint8Array> | AsyncIterable<Uint8Array>,
   maxBytes: number,
   tooLarge: (size: number) => JobFailedError,
   unreadable: (cause: unknown) => JobFailedError,
