@@ -24,6 +24,7 @@
  *
  * @module
  */
+import { createHash } from "node:crypto";
 import { compile as compileHtmlToText } from "html-to-text";
 import { z } from "zod";
 import { CoreApiError } from "../core_api.ts";
@@ -216,10 +217,9 @@ interface EventPlan {
   left_out: LeftOutEvent[];
 }
 
-async function stableKey(text: string): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
-  return Array.from(new Uint8Array(digest).slice(0, 12), (b) => b.toString(16).padStart(2, "0"))
-    .join("");
+/** The first 12 bytes of the text's SHA-256, in hex (synchronous: WebCrypto's is an async op). */
+function stableKey(text: string): string {
+  return createHash("sha256").update(text).digest("hex").slice(0, 24);
 }
 
 async function planEvents(
@@ -282,7 +282,7 @@ async function planEvents(
       continue;
     }
     const eventTime = formatInTimeZone(instant, timeZone);
-    const key = await stableKey(`${instant.toISOString()}\n${description.toLowerCase()}`);
+    const key = stableKey(`${instant.toISOString()}\n${description.toLowerCase()}`);
     if (keys.has(key)) continue; // the same event twice in one answer
     keys.add(key);
     plan.events.push({ key, description, event_time: eventTime, confidence: event.confidence });
