@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { sleep } from "./utils.ts";
+import { scopedSignal, sleep } from "./utils.ts";
 
 /** Job statuses in Core. */
 export type JobStatus = "queued" | "processing" | "completed" | "failed";
@@ -251,8 +251,7 @@ export class CoreApiClient {
     options: { body?: unknown; signal?: AbortSignal },
   ): Promise<T> {
     const url = `${this.#base}${path}`;
-    const timeout = AbortSignal.timeout(this.#timeoutMs);
-    const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
+    using limit = scopedSignal(options.signal, this.#timeoutMs);
     let response: Response;
     try {
       response = await this.#fetch(url, {
@@ -261,11 +260,11 @@ export class CoreApiClient {
           ? { accept: "application/json" }
           : { accept: "application/json", "content-type": "application/json" },
         body: options.body === undefined ? undefined : JSON.stringify(options.body),
-        signal,
+        signal: limit.signal,
       });
     } catch (error) {
       if (options.signal?.aborted) throw options.signal.reason;
-      const why = timeout.aborted
+      const why = limit.timedOut
         ? `no answer within ${this.#timeoutMs} ms`
         : `Core could not be reached (${
           error instanceof Error ? error.message : error

@@ -15,7 +15,7 @@ import type {
   ChatCompletionCreateParamsNonStreaming,
   ChatCompletionMessageParam,
 } from "openai/resources/chat/completions";
-import { sniffImageType } from "./utils.ts";
+import { scopedSignal, sniffImageType } from "./utils.ts";
 import { type ImageRequestBody, imageRequestBody, type ImageSource } from "./image_body.ts";
 import { type Span, SpanKind, SpanStatusCode } from "@opentelemetry/api";
 import { tracer } from "./tracing.ts";
@@ -311,9 +311,12 @@ export class LLMClient {
     }, async (span: Span) => {
       const started = performance.now();
       try {
+        // The SDK subscribes to the signal it is given until V8 collects the request: give it
+        // one that lives only as long as this call.
+        using call = scopedSignal(options.signal);
         const response = await client.chat.completions.create(body, {
           timeout: options.timeoutMs ?? this.#textTimeoutMs,
-          signal: options.signal,
+          signal: call.signal,
         });
         const completion: Completion = {
           text: response.choices?.[0]?.message?.content ?? "",

@@ -145,3 +145,50 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
 export function truncate(text: string, max: number): string {
   return text.length <= max ? text : `${text.slice(0, Math.max(0, max - 1))}…`;
 }
+
+/** An abort signal scoped to one call, from {@linkcode scopedSignal}. */
+export interface ScopedSignal extends Disposable {
+  /** Aborts when the caller's signal aborts or the time is up, whichever comes first. */
+  readonly signal: AbortSignal;
+  /** True when the time ran out (rather than the caller's signal aborting). */
+  readonly timedOut: boolean;
+}
+
+/**
+ * A signal for one call: it aborts as soon as `outer` aborts, or after `timeoutMs` when given,
+ * and it lets go of its timer and of `outer` when disposed.
+ *
+ * The worker's calls hang off long-lived signals (the worker's own stop signal). Handing those
+ * to `fetch` or the `openai` SDK directly, or combining them with `AbortSignal.any` and
+ * `AbortSignal.timeout`, leaves something behind after every call until V8 collects it: the
+ * timeout's armed timer for its whole duration, the SDK's weak subscription on the caller's
+ * signal. At hundreds of calls a second these filled the old generation with tens of MB. A
+ * scoped signal leaves nothing behind.
+ *
+ * @example
+ * ```ts
+ * using call = scopedSignal(jobSignal, 10_000);
+ * const response = await fetch(url, { signal: call.signal });
+ * ```
+ */
+export function scopedSignal(outer?: AbortSignal, timeoutMs?: number): ScopedSignal {
+  const controller = new AbortController();
+  let timedOut = false;
+  const timer = timeoutMs === undefined ? undefined : setTimeout(() => {
+    timedOut = true;
+    controller.abort(new DOMException(`No answer within ${timeoutMs} ms.`, "TimeoutError"));
+  }, timeoutMs);
+  const onAbort = () => controller.abort(outer!.reason);
+  if (outer?.aborted) onAbort();
+  else outer?.addEventListener("abort", onAbort, { once: true });
+  return {
+    signal: controller.signal,
+    get timedOut() {
+      return timedOut;
+    },
+    [Symbol.dispose]() {
+      clearTimeout(timer);
+      outer?.removeEventListener("abort", onAbort);
+    },
+  };
+}

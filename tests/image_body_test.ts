@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { imageRequestBody, type ImageSource } from "../lib/image_body.ts";
+import { imageFileChunks, imageRequestBody, type ImageSource } from "../lib/image_body.ts";
 
 const JSON_BODY = '{"messages":[{"content":[{"type":"image_url","image_url":' +
   '{"url":"data:image/png;base64,IMAGE1"}}]}],"model":"llava"}';
@@ -140,4 +140,28 @@ Deno.test("a body without the placeholder is a bug, said as one", async () => {
     /lost its image placeholder/,
   );
   await assert.rejects(imageRequestBody(undefined, "IMAGE1", "AAAA"), /lost its image placeholder/);
+});
+
+Deno.test("imageFileChunks reads a small file whole and a large one in chunks, closing it", async () => {
+  const path = await Deno.makeTempFile();
+  try {
+    for (const size of [1_000, 65_536, 300_000]) {
+      const bytes = randomBytes(size);
+      await Deno.writeFile(path, bytes);
+      const chunks = await Array.fromAsync(await imageFileChunks(path, size));
+      assert.equal(chunks.length, size <= 65_536 ? 1 : Math.ceil(size / 65_536), `${size} bytes`);
+      const joined = new Uint8Array(size);
+      let at = 0;
+      for (const chunk of chunks) {
+        joined.set(chunk, at);
+        at += chunk.length;
+      }
+      assert.equal(at, size);
+      assert.deepEqual(joined, bytes);
+    }
+    // Stopping after the first chunk closes the file (the resource sanitizer checks).
+    for await (const _ of await imageFileChunks(path, 300_000)) break;
+  } finally {
+    await Deno.remove(path);
+  }
 });

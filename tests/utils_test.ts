@@ -1,5 +1,12 @@
 import assert from "node:assert/strict";
-import { extractJson, sleep, sniffImageType, stripThinking, truncate } from "../lib/utils.ts";
+import {
+  extractJson,
+  scopedSignal,
+  sleep,
+  sniffImageType,
+  stripThinking,
+  truncate,
+} from "../lib/utils.ts";
 
 Deno.test("extractJson parses a clean object", () => {
   assert.deepEqual(extractJson('{"intent": "search", "keywords": ["beach"]}'), {
@@ -148,4 +155,40 @@ Deno.test("truncate keeps short text and marks a cut", () => {
   assert.equal(truncate("abcdef", 4), "abc…");
   assert.equal(truncate("abcdef", 4).length, 4);
   assert.equal(truncate("", 0), "");
+});
+
+Deno.test("scopedSignal aborts with the caller's signal and its reason", () => {
+  const outer = new AbortController();
+  using call = scopedSignal(outer.signal, 60_000);
+  assert.equal(call.signal.aborted, false);
+  outer.abort(new Error("stopping"));
+  assert.equal(call.signal.aborted, true);
+  assert.equal((call.signal.reason as Error).message, "stopping");
+  assert.equal(call.timedOut, false);
+});
+
+Deno.test("scopedSignal times out and says so", async () => {
+  using call = scopedSignal(new AbortController().signal, 10);
+  await new Promise((resolve) => call.signal.addEventListener("abort", resolve));
+  assert.equal(call.timedOut, true);
+  assert.equal((call.signal.reason as DOMException).name, "TimeoutError");
+});
+
+Deno.test("scopedSignal starts aborted when the caller's signal already is", () => {
+  const outer = AbortSignal.abort("gone");
+  using call = scopedSignal(outer);
+  assert.equal(call.signal.aborted, true);
+  assert.equal(call.signal.reason, "gone");
+});
+
+Deno.test("a disposed scopedSignal leaves no timer and no listener behind", () => {
+  const outer = new AbortController();
+  let inner: AbortSignal;
+  {
+    using call = scopedSignal(outer.signal, 60_000);
+    inner = call.signal;
+  }
+  // The test's op sanitizer fails it if the 60 s timer were still armed.
+  outer.abort();
+  assert.equal(inner.aborted, false, "the caller's signal no longer reaches a finished call");
 });
