@@ -23,6 +23,24 @@ import { tracer } from "./tracing.ts";
 export type { ImageSource } from "./image_body.ts";
 
 /**
+ * The SDK's telemetry headers (`X-Stainless-*`: its version, the OS, the runtime, the retry count),
+ * left out of every request: no OpenAI-compatible server needs them, and eight headers more per
+ * request cost the runtime's `fetch` about 40 µs of CPU each time.
+ */
+const WITHOUT_SDK_TELEMETRY: Record<string, null> = Object.fromEntries(
+  [
+    "Lang",
+    "Package-Version",
+    "OS",
+    "Arch",
+    "Runtime",
+    "Runtime-Version",
+    "Retry-Count",
+    "Timeout",
+  ].map((name) => [`X-Stainless-${name}`, null]),
+);
+
+/**
  * What kind of failure an {@linkcode LLMError} is.
  *
  * - `unavailable`: the server could not be reached, timed out, was overloaded or rate limited
@@ -151,6 +169,7 @@ export class LLMClient {
       apiKey: options.apiKey ?? "not-needed",
       maxRetries: 0,
       fetch: options.fetch,
+      defaultHeaders: WITHOUT_SDK_TELEMETRY,
     });
     this.#fetch = options.fetch ?? ((input, init) => fetch(input, init));
     this.#textTimeoutMs = options.textTimeoutMs ?? 60_000;

@@ -78,6 +78,17 @@ Deno.test("LLMClient sends the API key as a bearer token", async () => {
   assert.equal(model.requests[0].headers.get("authorization"), "Bearer sk-test-123");
 });
 
+Deno.test("LLMClient leaves out the SDK's telemetry headers and keeps the rest", async () => {
+  await using model = startModelServer(() => "ok");
+  const llm = new LLMClient({ baseUrl: model.url });
+  await llm.complete("mistral", "hi");
+  const headers = model.requests[0].headers;
+  assert.deepEqual([...headers.keys()].filter((name) => name.startsWith("x-stainless")), []);
+  assert.equal(headers.get("content-type"), "application/json");
+  assert.equal(headers.get("accept"), "application/json");
+  assert.match(headers.get("user-agent") ?? "", /OpenAI/);
+});
+
 Deno.test("LLMClient sends a system message first when given", async () => {
   await using model = startModelServer(() => "ok");
   const llm = new LLMClient({ baseUrl: model.url });
