@@ -198,13 +198,23 @@ function formatYear(year: number): string {
  * ```
  */
 export function formatInTimeZone(instant: Date, timeZone: string): string {
+  return formatWall(instant, timeZone).iso;
+}
+
+/** The ISO form of `instant` in `timeZone`, with the wall clock and offset it was made from. */
+function formatWall(
+  instant: Date,
+  timeZone: string,
+): { iso: string; wall: WallClock & { weekday: string }; offset: number } {
   const seconds = new Date(Math.floor(instant.getTime() / 1000) * 1000);
-  const offset = offsetMs(seconds, timeZone);
-  if (offset % MINUTE_MS !== 0) return `${seconds.toISOString().slice(0, 19)}Z`;
   const wall = wallClockAt(seconds, timeZone);
-  return `${formatYear(wall.year)}-${pad(wall.month)}-${pad(wall.day)}T${pad(wall.hour)}:${
-    pad(wall.minute)
-  }:${pad(wall.second)}${formatOffset(offset)}`;
+  const offset = wallAsUtcMs({ ...wall, millisecond: 0 }) - seconds.getTime();
+  const iso = offset % MINUTE_MS !== 0
+    ? `${seconds.toISOString().slice(0, 19)}Z`
+    : `${formatYear(wall.year)}-${pad(wall.month)}-${pad(wall.day)}T${pad(wall.hour)}:${
+      pad(wall.minute)
+    }:${pad(wall.second)}${formatOffset(offset)}`;
+  return { iso, wall, offset };
 }
 
 /**
@@ -212,9 +222,8 @@ export function formatInTimeZone(instant: Date, timeZone: string): string {
  * `Tuesday 2026-12-01T15:00:00+01:00 (Europe/Berlin, UTC+01:00)`.
  */
 export function describeInTimeZone(instant: Date, timeZone: string): string {
-  const weekday = wallClockAt(instant, timeZone).weekday;
-  const iso = formatInTimeZone(instant, timeZone);
-  return `${weekday} ${iso} (${timeZone}, UTC${formatOffset(offsetMs(instant, timeZone))})`;
+  const { iso, wall, offset } = formatWall(instant, timeZone);
+  return `${wall.weekday} ${iso} (${timeZone}, UTC${formatOffset(offset)})`;
 }
 
 /** A date-time read by {@linkcode parseDateTime}: a wall clock, with its offset when it had one. */
