@@ -27,6 +27,8 @@ USER deno
 
 ENV IMAGE_STORAGE_PATH=/data/images \
     WORKER_HTTP_PORT=9464
+# On a small machine, keep V8's heap near its live size (more GC work per job; see the README):
+#   docker run -e DENO_V8_FLAGS=--max-semi-space-size=4,--max-old-space-size=256 ...
 # Shared with Core: the images to tag (IMAGE_STORAGE_PATH); the worker only reads it.
 VOLUME /data/images
 # Health and metrics (WORKER_HTTP_PORT): /healthz, /readyz, /metrics.
