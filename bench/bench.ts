@@ -128,6 +128,27 @@ function workload(
 const LEAN_V8_FLAGS = Deno.env.get("BENCH_LEAN_V8_FLAGS") ??
   "--max-semi-space-size=4,--max-old-space-size=256";
 
+/** The environment of a run under the lean V8 settings, or none. */
+function leanEnv(lean: boolean): Record<string, string> {
+  return lean ? { DENO_V8_FLAGS: LEAN_V8_FLAGS } : {};
+}
+
+/** The bare client sending the same warm-up and jobs at the same concurrency, all at once. */
+function bareThroughput(
+  concurrency: number,
+  warmup: WorkloadJob[],
+  jobs: WorkloadJob[],
+  env: Record<string, string>,
+): Promise<{ elapsedMs: number; peakRss: number }> {
+  return runBare({
+    url: model.url,
+    concurrency,
+    warmup: bareRequests(warmup),
+    requests: bareRequests(jobs),
+    mode: "throughput",
+  }, env);
+}
+
 async function startWorker(
   concurrency: number,
   env: Record<string, string> = {},
@@ -336,7 +357,7 @@ const log = (message: string) => console.error(`[bench] ${message}`);
  */
 async function modelBound(imageBytes: number, lean = false): Promise<void> {
   const big = imageBytes >= 1024 * 1024;
-  const env: Record<string, string> = lean ? { DENO_V8_FLAGS: LEAN_V8_FLAGS } : {};
+  const env = leanEnv(lean);
   const images = await writeImages(imageDir, 16, imageBytes);
   const concurrency = 32;
   latencyMs = 100;
@@ -364,13 +385,7 @@ async function modelBound(imageBytes: number, lean = false): Promise<void> {
       clearInterval(sampler);
     }
   }, env);
-  const bare = await runBare({
-    url: model.url,
-    concurrency,
-    warmup: bareRequests(warmup),
-    requests: bareRequests(jobs),
-    mode: "throughput",
-  }, env);
+  const bare = await bareThroughput(concurrency, warmup, jobs, env);
   const ideal = concurrency / 0.1;
   const rate = jobs.length / (result.elapsedMs / 1000);
   const bareRate = jobs.length / (bare.elapsedMs / 1000);
@@ -415,7 +430,7 @@ async function overhead(): Promise<void> {
   latencyMs = 0;
   const runs: Array<[number, boolean]> = [[1, false], [8, false], [64, false], [64, true]];
   for (const [concurrency, lean] of runs) {
-    const env: Record<string, string> = lean ? { DENO_V8_FLAGS: LEAN_V8_FLAGS } : {};
+    const env = leanEnv(lean);
     const jobs = workload(n(5000), { images });
     const warmup = workload(200, { images });
     log(
@@ -427,13 +442,7 @@ async function overhead(): Promise<void> {
       await runJobs(warmup, worker);
       return await runJobs(jobs, worker);
     }, env);
-    const bare = await runBare({
-      url: model.url,
-      concurrency,
-      warmup: bareRequests(warmup),
-      requests: bareRequests(jobs),
-      mode: "throughput",
-    }, env);
+    const bare = await bareThroughput(concurrency, warmup, jobs, env);
     const rate = jobs.length / (result.elapsedMs / 1000);
     const target = concurrency === 64 && !lean;
     rows.push({

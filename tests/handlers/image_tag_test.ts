@@ -270,6 +270,8 @@ async function assertRefused(
   storage: string,
   pattern: RegExp,
   handler: JobHandler<unknown> = imageTagHandler as JobHandler<unknown>,
+  /** Runs while the handler reads the memory from Core: after the image check, before the model. */
+  whileReadingMemory?: () => Promise<void>,
 ) {
   await using core = startCoreEmulator();
   await using model = startModelServer(() => ANSWER);
@@ -281,6 +283,13 @@ async function assertRefused(
     modelUrl: model.url,
     env: { IMAGE_STORAGE_PATH: storage },
   });
+  if (whileReadingMemory) {
+    const getMemory = ctx.core.getMemory.bind(ctx.core);
+    ctx.core.getMemory = async (id, signal) => {
+      await whileReadingMemory();
+      return await getMemory(id, signal);
+    };
+  }
   await assert.rejects(runJob(handler, ctx), (error) => {
     assert.ok(error instanceof JobFailedError, `expected JobFailedError, got ${error}`);
     assert.match(error.message, pattern);
@@ -430,29 +439,7 @@ Deno.test("image_tag: a file that grows past the limit or goes away after the ch
     await t.step(name, async () => {
       const path = join(fs.storage, `photo-${name.replace(" ", "-")}.png`);
       await Deno.writeFile(path, PNG);
-      await using core = startCoreEmulator();
-      await using model = startModelServer(() => ANSWER);
-      const memory = core.seedMemory({ owner_user_id: 1, media_type: "image" });
-      const { ctx } = makeContext({
-        jobType: "image_tag",
-        payload: { memory_id: memory.id, image_path: path },
-        coreUrl: core.url,
-        modelUrl: model.url,
-        env: { IMAGE_STORAGE_PATH: fs.storage },
-      });
-      // The file changes between the check and the model request (while Core is asked).
-      const getMemory = ctx.core.getMemory.bind(ctx.core);
-      ctx.core.getMemory = async (id, signal) => {
-        await change(path);
-        return await getMemory(id, signal);
-      };
-      await assert.rejects(runJob(small, ctx), (error) => {
-        assert.ok(error instanceof JobFailedError, `expected JobFailedError, got ${error}`);
-        assert.match(error.message, pattern);
-        return true;
-      });
-      assert.equal(model.requests.length, 0, "no whole request reached the model");
-      assert.equal(tagPosts(core).length, 0);
+      await assertRefused(path, fs.storage, pattern, small, () => change(path));
     });
   }
 });
