@@ -257,7 +257,29 @@ export class Consumer {
 
   async #readLoop(): Promise<void> {
     const signal = this.#stopping.signal;
+    // A reply lost with its connection (Redis restarted, the network cut) leaves the entries it
+    // delivered pending under our name, where no `>` read returns them and no claim looks for
+    // 10 minutes: after every reconnect this consumer's pending list is read again.
+    let reconnected = false;
+    const onReady = () => reconnected = true;
+    this.#reader.on("ready", onReady);
+    this.#redis.on("ready", onReady);
+    try {
+      await this.#readEntries(signal, () => {
+        const again = reconnected;
+        reconnected = false;
+        return again;
+      });
+    } finally {
+      this.#reader.off("ready", onReady);
+      this.#redis.off("ready", onReady);
+    }
+  }
+
+  /** The read loop proper; `reconnected()` says (once) that a connection came back. */
+  async #readEntries(signal: AbortSignal, reconnected: () => boolean): Promise<void> {
     await this.#recoverOwnPending();
+    reconnected(); // the first connects: nothing can have been lost yet
     // Redis lost and back during this first claim (NOGROUP): the periodic claim tries again.
     await this.#claimStalled().catch((error) => {
       if (!signal.aborted) return this.#onRedisError(error);
@@ -272,6 +294,7 @@ export class Consumer {
     const batch = Math.max(1, Math.floor(this.#maxHeld / 4));
     while (!signal.aborted) {
       try {
+        if (reconnected()) await this.#recoverOwnPending(true);
         await this.#health.untilAvailable(signal);
         await this.#scheduler.whenHeldBelow(this.#maxHeld - batch + 1, signal);
         const room = Math.max(1, this.#maxHeld - this.#scheduler.held);
@@ -314,28 +337,44 @@ export class Consumer {
     }
   }
 
-  /** Reads this consumer's own pending entries (from a previous run under the same name). */
-  async #recoverOwnPending(): Promise<void> {
+  /**
+   * Reads this consumer's own pending entries: at start, those of a previous run under the same
+   * name; `again` after a reconnect, those whose delivery was lost with the connection (the
+   * entries already held are skipped, so at most one lost read's worth is added past the room).
+   */
+  async #recoverOwnPending(again = false): Promise<void> {
     const signal = this.#stopping.signal;
+    let recovered = 0;
+    // Staged entries are ours and known; they wait for their turn (see `#readEntries`).
+    const staged = new Set(this.#staged.map((item) => `${item.stream} ${item.entryId}`));
     for (const stream of this.#streams) {
       let after = "0";
       while (!signal.aborted) {
         try {
-          await this.#scheduler.whenHeldBelow(this.#maxHeld, signal);
+          if (!again) await this.#scheduler.whenHeldBelow(this.#maxHeld, signal);
           const reply = await this.#xreadgroup(
             [stream],
             after,
-            this.#maxHeld - this.#scheduler.held,
+            again ? this.#maxHeld : this.#maxHeld - this.#scheduler.held,
           );
           const entries = reply[0]?.[1] ?? [];
           if (entries.length === 0) break;
-          for (const [id, fields] of entries) this.#admit(this.#item(stream, id, fields, true));
+          for (const [id, fields] of entries) {
+            if (staged.has(`${stream} ${id}`)) continue;
+            if (this.#admit(this.#item(stream, id, fields, true))) recovered++;
+          }
           after = entries[entries.length - 1][0];
         } catch (error) {
           if (signal.aborted) return;
           await this.#onRedisError(error);
         }
       }
+    }
+    if (again && recovered > 0) {
+      this.#log.warn(
+        "Redis came back: {n} pending entr(y/ies) of ours, delivered in a reply lost with the connection, taken back.",
+        { n: recovered },
+      );
     }
   }
 
@@ -446,11 +485,13 @@ export class Consumer {
     };
   }
 
-  #admit(item: WorkItem): void {
+  /** Hands an entry to the scheduler unless it is held already; true when it was new. */
+  #admit(item: WorkItem): boolean {
     const key = `${item.stream} ${item.entryId}`;
-    if (this.#held.has(key)) return;
+    if (this.#held.has(key)) return false;
     this.#held.set(key, item);
     this.#scheduler.add(item);
+    return true;
   }
 
   #release(item: WorkItem): void {

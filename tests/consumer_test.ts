@@ -546,6 +546,36 @@ Deno.test("Redis going away and coming back: the worker reconnects and carries o
   assert.ok(worker.consumer.running);
 });
 
+Deno.test("entries delivered in a reply lost with the connection are taken back on reconnect", async () => {
+  await using stack = await startStack();
+  // The default claim idle time (10 minutes): no claim can rescue the entry during the test.
+  const worker = await stack.startWorker({ WORKER_CONSUMER_NAME: "lost-reply" });
+  const first = await stack.enqueue("followup", { message: "before" }, 1);
+  await stack.waitForJobs([first]);
+  // Redis delivers an entry to the worker's name, and the reply never reaches it: as when Redis
+  // dies (or the network drops) with the worker's XREADGROUP answered but not yet read.
+  const payload = { message: "delivered, reply lost" };
+  const job = stack.core.seedJob({ job_type: "followup", payload, user_id: 1 });
+  const data = JSON.stringify({ job_id: job.id, job_type: "followup", payload, user_id: 1 });
+  await stack.client.multi()
+    .xadd(STREAM_OF.followup, "*", "data", data)
+    .call("XREADGROUP", "GROUP", GROUP, "lost-reply", "STREAMS", STREAM_OF.followup, ">")
+    .exec();
+  await delay(300);
+  assert.equal(stack.core.state.jobs.get(job.id)!.status, "queued", "no read returns it");
+  // The connection drops and comes back.
+  const clients = await stack.client.call("CLIENT", "LIST") as string;
+  const ids = clients.split("\n").filter((line) => line.includes(" name=lost-reply "))
+    .map((line) => /^id=(\d+)/.exec(line)![1]);
+  assert.equal(ids.length, 2, "the worker's two connections");
+  for (const id of ids) await stack.client.call("CLIENT", "KILL", "ID", id);
+  await stack.waitForJobs([job.id], 10_000);
+  assert.equal(stack.core.state.jobs.get(job.id)!.status, "completed");
+  await stack.waitFor(async () => Object.keys(await stack.pending()).length === 0, "the XACK");
+  assert.equal((await stack.notifications()).length, 2);
+  assert.ok(worker.consumer.running);
+});
+
 Deno.test("a model that rejects the request (4xx) fails the job with a clear message", async () => {
   await using stack = await startStack({
     reply: () =>
