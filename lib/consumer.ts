@@ -148,6 +148,8 @@ export class Consumer {
   #running = false;
   #stopped?: Promise<void>;
   #lastReadError = 0;
+  /** Set when a Redis connection came back: the read loop reads our pending list again. */
+  #reconnected = false;
 
   /** Creates the consumer; nothing is read until {@linkcode Consumer.start}. */
   constructor(options: ConsumerOptions) {
@@ -258,28 +260,24 @@ export class Consumer {
   async #readLoop(): Promise<void> {
     const signal = this.#stopping.signal;
     // A reply lost with its connection (Redis restarted, the network cut) leaves the entries it
-    // delivered pending under our name, where no `>` read returns them and no claim looks for
-    // 10 minutes: after every reconnect this consumer's pending list is read again.
-    let reconnected = false;
-    const onReady = () => reconnected = true;
+    // delivered pending under our name, where no `>` read returns them and no claim looks before
+    // `WORKER_CLAIM_IDLE_MS` (10 minutes by default): after every reconnect this consumer's
+    // pending list is read again.
+    const onReady = () => this.#reconnected = true;
     this.#reader.on("ready", onReady);
     this.#redis.on("ready", onReady);
     try {
-      await this.#readEntries(signal, () => {
-        const again = reconnected;
-        reconnected = false;
-        return again;
-      });
+      await this.#readEntries(signal);
     } finally {
       this.#reader.off("ready", onReady);
       this.#redis.off("ready", onReady);
     }
   }
 
-  /** The read loop proper; `reconnected()` says (once) that a connection came back. */
-  async #readEntries(signal: AbortSignal, reconnected: () => boolean): Promise<void> {
+  /** The read loop proper (see `#readLoop`). */
+  async #readEntries(signal: AbortSignal): Promise<void> {
     await this.#recoverOwnPending();
-    reconnected(); // the first connects: nothing can have been lost yet
+    this.#reconnected = false; // the first connects: nothing can have been lost yet
     // Redis lost and back during this first claim (NOGROUP): the periodic claim tries again.
     await this.#claimStalled().catch((error) => {
       if (!signal.aborted) return this.#onRedisError(error);
@@ -294,7 +292,10 @@ export class Consumer {
     const batch = Math.max(1, Math.floor(this.#maxHeld / 4));
     while (!signal.aborted) {
       try {
-        if (reconnected()) await this.#recoverOwnPending(true);
+        if (this.#reconnected) {
+          this.#reconnected = false;
+          await this.#recoverOwnPending(true);
+        }
         await this.#health.untilAvailable(signal);
         await this.#scheduler.whenHeldBelow(this.#maxHeld - batch + 1, signal);
         const room = Math.max(1, this.#maxHeld - this.#scheduler.held);
