@@ -13,6 +13,9 @@ import { fakePng } from "./helpers/images.ts";
 
 const PNG = fakePng(48, 1);
 const delay = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+/** The `XREADGROUP` that delivers a stream's new entries to `consumer` (as if it had read them). */
+const readAs = (consumer: string, stream: string) =>
+  ["XREADGROUP", "GROUP", GROUP, consumer, "COUNT", 10, "STREAMS", stream, ">"] as const;
 
 Deno.test("followup: XADD to PATCH completed, notification, XACK", async () => {
   await using stack = await startStack();
@@ -432,17 +435,7 @@ Deno.test("a redelivered job already completed in Core is acknowledged without b
   const jobId = await stack.enqueue("followup", { message: "done already" }, 1);
   // Another consumer read it and finished the job in Core, then died before its XACK.
   await stack.client.xgroup("CREATE", STREAM_OF.followup, GROUP, "0", "MKSTREAM");
-  await stack.client.call(
-    "XREADGROUP",
-    "GROUP",
-    GROUP,
-    "ghost",
-    "COUNT",
-    10,
-    "STREAMS",
-    STREAM_OF.followup,
-    ">",
-  );
+  await stack.client.call(...readAs("ghost", STREAM_OF.followup));
   stack.core.state.jobs.get(jobId)!.status = "completed";
   await stack.startWorker({ WORKER_CLAIM_IDLE_MS: "1000" });
   await stack.waitFor(
@@ -559,7 +552,7 @@ Deno.test("entries delivered in a reply lost with the connection are taken back 
   const data = JSON.stringify({ job_id: job.id, job_type: "followup", payload, user_id: 1 });
   await stack.client.multi()
     .xadd(STREAM_OF.followup, "*", "data", data)
-    .call("XREADGROUP", "GROUP", GROUP, "lost-reply", "STREAMS", STREAM_OF.followup, ">")
+    .call(...readAs("lost-reply", STREAM_OF.followup))
     .exec();
   await delay(300);
   assert.equal(stack.core.state.jobs.get(job.id)!.status, "queued", "no read returns it");
@@ -667,17 +660,7 @@ Deno.test("a redelivered job Core does not know fails without running, and is ac
     "data",
     JSON.stringify({ job_id: "no-such-job", job_type: "followup", payload, user_id: 8 }),
   );
-  await stack.client.call(
-    "XREADGROUP",
-    "GROUP",
-    GROUP,
-    "ghost",
-    "COUNT",
-    10,
-    "STREAMS",
-    STREAM_OF.followup,
-    ">",
-  );
+  await stack.client.call(...readAs("ghost", STREAM_OF.followup));
   await stack.startWorker({ WORKER_CLAIM_IDLE_MS: "1000" });
   await stack.waitFor(
     async () => Object.keys(await stack.pending()).length === 0,
