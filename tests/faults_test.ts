@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import { benchAnswer, type FakeChatRequest, tokenOf } from "../bench/fake_model.ts";
 import { random, type WorkloadJob } from "../bench/workload.ts";
+import type { WorkerProcess } from "./helpers/worker_process.ts";
 import {
   type CaseFigures,
   type FaultStack,
@@ -49,6 +50,13 @@ async function faultCase(
 const until = async (stack: FaultStack, check: () => boolean, what: string, ms = 30_000) => {
   assert.ok(await stack.waitFor(check, ms), `timed out waiting for ${what}`);
 };
+/** Kills `worker` (SIGKILL) once jobs are inside model calls, then lets the model answer again. */
+const killInsideModelCalls = async (stack: FaultStack, worker: WorkerProcess) => {
+  await stack.holdInsideModelCalls();
+  assert.ok(stack.model.inFlight > 0, "jobs are inside model calls");
+  await worker.kill("SIGKILL");
+  stack.model.resume();
+};
 const ended = (stack: FaultStack, jobs: { token: string }[]) =>
   jobs.filter((j) => ["completed", "failed"].includes(stack.core.state.jobs.get(j.token)!.status))
     .length;
@@ -59,10 +67,7 @@ Deno.test("faults: kill -9 during model calls, a second worker claims and finish
     const a = stack.startWorker("fault-a", short);
     const jobs = await stack.enqueue(60);
     await until(stack, () => ended(stack, jobs) >= 10, "the first jobs");
-    await stack.holdInsideModelCalls();
-    assert.ok(stack.model.inFlight > 0, "jobs are inside model calls");
-    await a.kill("SIGKILL");
-    stack.model.resume();
+    await killInsideModelCalls(stack, a);
     stack.startWorker("fault-b", short);
     return { jobs, faults: () => 1 };
   });
@@ -73,10 +78,7 @@ Deno.test("faults: kill -9, the same consumer restarts and recovers its entries"
     const a = stack.startWorker("fault-same");
     const jobs = await stack.enqueue(60);
     await until(stack, () => ended(stack, jobs) >= 10, "the first jobs");
-    await stack.holdInsideModelCalls();
-    assert.ok(stack.model.inFlight > 0, "jobs are inside model calls");
-    await a.kill("SIGKILL");
-    stack.model.resume();
+    await killInsideModelCalls(stack, a);
     stack.startWorker("fault-same");
     return { jobs, faults: () => 1 };
   });
