@@ -113,16 +113,25 @@ export class CoreApiError extends Error {
   readonly url: string;
   /** The start of Core's answer, for logs. */
   readonly body: string;
+  /** True when Core did not answer within the client's timeout. */
+  readonly timedOut: boolean;
 
   /** Builds the error; the message names the call and Core's answer. */
-  constructor(method: string, url: string, status: number, body: string, cause?: unknown) {
+  constructor(
+    method: string,
+    url: string,
+    status: number,
+    body: string,
+    options: { cause?: unknown; timedOut?: boolean } = {},
+  ) {
     const what = status === 0 ? body : `${status}: ${body}`;
-    super(`Core ${method} ${url} failed with ${what}`, { cause });
+    super(`Core ${method} ${url} failed with ${what}`, { cause: options.cause });
     this.name = "CoreApiError";
     this.method = method;
     this.url = url;
     this.status = status;
     this.body = body;
+    this.timedOut = options.timedOut ?? false;
   }
 
   /** True for a network error, a timeout, 429 or 5xx: trying later may succeed. */
@@ -269,7 +278,7 @@ export class CoreApiClient {
         : `Core could not be reached (${
           error instanceof Error ? error.message : error
         }); check CORE_API_URL`;
-      throw new CoreApiError(method, url, 0, why, error);
+      throw new CoreApiError(method, url, 0, why, { cause: error, timedOut: limit.timedOut });
     }
     const text = await response.text().catch(() => "");
     // Core answers 200 or 201 as the table says; any other 2xx is a success all the same.
@@ -284,7 +293,7 @@ export class CoreApiClient {
         url,
         response.status,
         `answer is not JSON: ${errorDetail(text)}`,
-        error,
+        { cause: error },
       );
     }
   }
@@ -293,7 +302,7 @@ export class CoreApiClient {
 /** A failure worth a quick second try: refused or reset connection, 429, 502, 503, 504. */
 function isPassing(error: unknown): boolean {
   if (!(error instanceof CoreApiError)) return false;
-  if (error.status === 0) return !error.body.startsWith("no answer within");
+  if (error.status === 0) return !error.timedOut;
   return [429, 502, 503, 504].includes(error.status);
 }
 

@@ -248,6 +248,7 @@ Deno.test("a hung Core times out as a retryable CoreApiError with status 0", asy
     const error = await coreFailure(client.getSettings(1));
     assert.equal(error.status, 0);
     assert.equal(error.retryable, true);
+    assert.equal(error.timedOut, true);
     assert.match(error.message, /100 ms/);
     assert.ok(performance.now() - started < 5_000);
   } finally {
@@ -260,6 +261,7 @@ Deno.test("a refused connection is a retryable CoreApiError with status 0", asyn
   const client = new CoreApiClient({ baseUrl: `http://127.0.0.1:${port}` });
   const error = await coreFailure(client.updateJob("j", { status: "processing" }));
   assert.equal(error.status, 0);
+  assert.equal(error.timedOut, false);
   assert.equal(error.retryable, true);
   assert.match(error.message, /could not be reached/);
   assert.match(error.message, /CORE_API_URL/);
