@@ -134,7 +134,7 @@ export class Consumer {
   readonly #log: Logger = logger("consumer");
   readonly #scheduler: JobScheduler<WorkItem>;
   readonly #tracker: RetryTracker;
-  /** Entries held in memory, by `stream id`. */
+  /** Entries held in memory, by {@linkcode entryKey}. */
   readonly #held = new Map<string, WorkItem>();
   /** Entries read but not handed to the scheduler yet (see `#readLoop`); ours all the same. */
   #staged: WorkItem[] = [];
@@ -347,7 +347,7 @@ export class Consumer {
     const signal = this.#stopping.signal;
     let recovered = 0;
     // Staged entries are ours and known; they wait for their turn (see `#readEntries`).
-    const staged = new Set(this.#staged.map((item) => `${item.stream} ${item.entryId}`));
+    const staged = new Set(this.#staged.map((item) => entryKey(item.stream, item.entryId)));
     for (const stream of this.#streams) {
       let after = "0";
       while (!signal.aborted) {
@@ -361,7 +361,7 @@ export class Consumer {
           const entries = reply[0]?.[1] ?? [];
           if (entries.length === 0) break;
           for (const [id, fields] of entries) {
-            if (staged.has(`${stream} ${id}`)) continue;
+            if (staged.has(entryKey(stream, id))) continue;
             if (this.#admit(this.#item(stream, id, fields, true))) recovered++;
           }
           after = entries[entries.length - 1][0];
@@ -397,7 +397,7 @@ export class Consumer {
           room,
         ) as [string, Array<[string, string[] | null]>, string[]];
         for (const [id, fields] of entries) {
-          if (this.#held.has(`${stream} ${id}`)) continue;
+          if (this.#held.has(entryKey(stream, id))) continue;
           this.#log.info("Claimed stalled entry {id} from {stream}.", { id, stream });
           this.#admit(this.#item(stream, id, fields, true));
         }
@@ -488,7 +488,7 @@ export class Consumer {
 
   /** Hands an entry to the scheduler unless it is held already; true when it was new. */
   #admit(item: WorkItem): boolean {
-    const key = `${item.stream} ${item.entryId}`;
+    const key = entryKey(item.stream, item.entryId);
     if (this.#held.has(key)) return false;
     this.#held.set(key, item);
     this.#scheduler.add(item);
@@ -496,7 +496,7 @@ export class Consumer {
   }
 
   #release(item: WorkItem): void {
-    this.#held.delete(`${item.stream} ${item.entryId}`);
+    this.#held.delete(entryKey(item.stream, item.entryId));
   }
 
   async #every(intervalMs: number, task: () => Promise<void>): Promise<void> {
@@ -847,6 +847,11 @@ const USER_FAILURE_MESSAGES: Record<JobType, string> = {
   task_match: "Sorry, I couldn't check whether your note matches one of your tasks.",
   email_extract: "Sorry, I couldn't read the events in that email.",
 };
+
+/** The key of an entry in `#held`: its stream and id. */
+function entryKey(stream: string, entryId: string): string {
+  return `${stream} ${entryId}`;
+}
 
 /** The oldest of some entry ids (`undefined` for none). */
 function oldestOf(ids: Iterable<string>): string | undefined {
