@@ -22,6 +22,7 @@ import {
   type WorkloadJob,
   writeImages,
 } from "../../bench/workload.ts";
+import { pollUntil } from "./poll.ts";
 import { type PrivateRedis, startRedis } from "./redis.ts";
 import { startWorkerProcess, type WorkerProcess } from "./worker_process.ts";
 
@@ -154,14 +155,7 @@ export async function startFaultStack(options: FaultStackOptions = {}): Promise<
     return undefined;
   });
 
-  const waitFor = async (check: () => boolean | Promise<boolean>, timeoutMs: number) => {
-    const deadline = Date.now() + timeoutMs;
-    while (!(await check())) {
-      if (Date.now() > deadline) return false;
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
-    return true;
-  };
+  const waitFor = pollUntil;
   const ended = (job: WorkloadJob) =>
     ["completed", "failed"].includes(core.state.jobs.get(job.token)?.status ?? "");
 

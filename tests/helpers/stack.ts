@@ -18,6 +18,7 @@ import {
   type ModelServer,
   startModelServer,
 } from "./model_server.ts";
+import { pollUntil } from "./poll.ts";
 import { type PrivateRedis, startRedis } from "./redis.ts";
 
 /** A notification read back from `notify:telegram`. */
@@ -122,12 +123,8 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
     what: string,
     timeoutMs = 15_000,
   ) => {
-    const deadline = Date.now() + timeoutMs;
-    while (!(await check())) {
-      if (Date.now() > deadline) {
-        throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}`);
-      }
-      await new Promise((resolve) => setTimeout(resolve, 20));
+    if (!await pollUntil(check, timeoutMs)) {
+      throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}`);
     }
   };
 
