@@ -153,7 +153,13 @@ Deno.test("/metrics: the model server going down shows as unavailable, with unav
   const worker = await stack.startWorker();
   const jobId = await stack.enqueue("followup", { message: "When?" });
   await stack.waitFor(() => !worker.health.available, "the model to be marked down");
-  let metrics = await (await fetch(`${worker.http!.url}/metrics`)).text();
+  // The model is marked down as its answer arrives; the job's retry is counted once the job has
+  // recorded it, a moment later.
+  let metrics = "";
+  await stack.waitFor(async () => {
+    metrics = await (await fetch(`${worker.http!.url}/metrics`)).text();
+    return sample(metrics, "llm_worker_retries_total", { job_type: "followup" }) !== undefined;
+  }, "the job's retry to be counted");
   assert.equal(sample(metrics, "llm_worker_model_unavailable"), 1);
   assert.equal(
     sample(metrics, "llm_worker_retries_total", { job_type: "followup", kind: "unavailable" }),
