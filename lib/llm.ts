@@ -41,6 +41,31 @@ const WITHOUT_SDK_TELEMETRY: Record<string, null> = Object.fromEntries(
 );
 
 /**
+ * The key under which an image request's {@linkcode ImageRequest} travels through the SDK, in the
+ * request's `fetchOptions` (the SDK copies them into the `init` its `fetch` gets).
+ */
+const IMAGE_REQUEST = Symbol("llm-worker image request");
+
+/** What {@linkcode LLMClient} needs to stream one image in place of its placeholder. */
+interface ImageRequest {
+  /** The text standing for the image's base64 in the body the SDK builds. */
+  placeholder: string;
+  /** The image, as base64 or as a source to stream. */
+  image: ImageSource | string;
+  /** The body sent, once the request is on its way. */
+  body?: ImageRequestBody;
+  /** Why the body could not be built (the image could not be opened). */
+  imageError?: unknown;
+}
+
+type ImageRequestInit = RequestInit & { [IMAGE_REQUEST]?: ImageRequest };
+
+/** The `fetchOptions` that carry `image` to the SDK's `fetch` (typed as nothing the SDK reads). */
+function imageFetchOptions(image: ImageRequest): Record<never, never> {
+  return { [IMAGE_REQUEST]: image };
+}
+
+/**
  * What kind of failure an {@linkcode LLMError} is.
  *
  * - `unavailable`: the server could not be reached, timed out, was overloaded or rate limited
@@ -164,14 +189,14 @@ export class LLMClient {
 
   /** Creates a client; nothing is sent until the first request. */
   constructor(options: LLMClientOptions) {
+    this.#fetch = options.fetch ?? ((input, init) => fetch(input, init));
     this.#client = new OpenAI({
       baseURL: options.baseUrl,
       apiKey: options.apiKey ?? "not-needed",
       maxRetries: 0,
-      fetch: options.fetch,
+      fetch: (input, init) => this.#send(input, init),
       defaultHeaders: WITHOUT_SDK_TELEMETRY,
     });
-    this.#fetch = options.fetch ?? ((input, init) => fetch(input, init));
     this.#textTimeoutMs = options.textTimeoutMs ?? 60_000;
     this.#imageTimeoutMs = options.imageTimeoutMs ?? 120_000;
     this.#temperature = options.temperature ?? 0.3;
@@ -231,8 +256,10 @@ export class LLMClient {
   }
 
   /**
-   * Sends the image request through a copy of the client whose `fetch` streams the body: the SDK
-   * only ever sees a short placeholder in the `data:` URL.
+   * Sends the image request: the SDK only ever sees a short placeholder in the `data:` URL, and
+   * the request's {@linkcode ImageRequest} rides along in its `fetchOptions` to
+   * {@linkcode LLMClient.#send}, which streams the image in its place. One SDK client serves
+   * every request (a copy per request, `withOptions`, cost a whole client's worth of objects).
    */
   async #sendImage(
     model: string,
@@ -241,41 +268,50 @@ export class LLMClient {
     mimeType: string,
     options: CompletionOptions,
   ): Promise<string> {
-    const placeholder = `image${crypto.randomUUID().replaceAll("-", "")}`;
+    const request: ImageRequest = {
+      placeholder: `image${crypto.randomUUID().replaceAll("-", "")}`,
+      image,
+    };
     const content: ChatCompletionContentPart[] = [
       { type: "text", text: prompt },
-      { type: "image_url", image_url: { url: `data:${mimeType};base64,${placeholder}` } },
-    ];
-    let body: ImageRequestBody | undefined;
-    let imageError: unknown;
-    const client = this.#client.withOptions({
-      fetch: async (input, init) => {
-        body = undefined;
-        try {
-          body = await imageRequestBody(init, placeholder, image);
-        } catch (error) {
-          imageError = error;
-          throw error;
-        }
-        const streamed = body.body instanceof ReadableStream;
-        return await this.#fetch(input, {
-          ...init,
-          body: body.body,
-          ...(streamed ? { duplex: "half" } : {}),
-        } as RequestInit);
+      {
+        type: "image_url",
+        image_url: { url: `data:${mimeType};base64,${request.placeholder}` },
       },
-    });
+    ];
     try {
       return (await this.#chat(
-        client,
         model,
         [{ role: "user", content }],
         { timeoutMs: this.#imageTimeoutMs, ...options },
-        () => imageError ?? body?.imageError,
+        request,
       )).text;
     } finally {
-      await body?.close();
+      await request.body?.close();
     }
+  }
+
+  /**
+   * The SDK's `fetch`: a request carrying an {@linkcode ImageRequest} gets its body rebuilt with
+   * the image streamed in place of the placeholder; any other goes out as the SDK built it.
+   */
+  async #send(input: string | URL | Request, init?: RequestInit): Promise<Response> {
+    const request = (init as ImageRequestInit | undefined)?.[IMAGE_REQUEST];
+    if (!request) return await this.#fetch(input, init);
+    const { [IMAGE_REQUEST]: _, ...rest } = init as ImageRequestInit;
+    request.body = undefined;
+    try {
+      request.body = await imageRequestBody(rest, request.placeholder, request.image);
+    } catch (error) {
+      request.imageError = error;
+      throw error;
+    }
+    const streamed = request.body.body instanceof ReadableStream;
+    return await this.#fetch(input, {
+      ...rest,
+      body: request.body.body,
+      ...(streamed ? { duplex: "half" } : {}),
+    } as RequestInit);
   }
 
   /** Sends any list of messages; the building block of the methods above. */
@@ -284,20 +320,19 @@ export class LLMClient {
     messages: ChatCompletionMessageParam[],
     options: CompletionOptions = {},
   ): Promise<Completion> {
-    return await this.#chat(this.#client, model, messages, options);
+    return await this.#chat(model, messages, options);
   }
 
   /**
-   * Sends the messages with `client`. When `localError` returns an error after a failure, the
-   * request failed on this side (the image could not be read): that error is thrown instead, and
-   * no model outcome is reported.
+   * Sends the messages, with `image` streamed into the request when given. When the image failed
+   * on this side (it could not be read), that error is thrown instead of the request's, and no
+   * model outcome is reported.
    */
   async #chat(
-    client: OpenAI,
     model: string,
     messages: ChatCompletionMessageParam[],
     options: CompletionOptions,
-    localError?: () => unknown,
+    image?: ImageRequest,
   ): Promise<Completion> {
     const all: ChatCompletionMessageParam[] = options.system
       ? [{ role: "system", content: options.system }, ...messages]
@@ -333,9 +368,10 @@ export class LLMClient {
         // The SDK subscribes to the signal it is given until V8 collects the request: give it
         // one that lives only as long as this call.
         using call = scopedSignal(options.signal);
-        const response = await client.chat.completions.create(body, {
+        const response = await this.#client.chat.completions.create(body, {
           timeout: options.timeoutMs ?? this.#textTimeoutMs,
           signal: call.signal,
+          ...(image ? { fetchOptions: imageFetchOptions(image) } : {}),
         });
         const completion: Completion = {
           text: response.choices?.[0]?.message?.content ?? "",
@@ -349,7 +385,7 @@ export class LLMClient {
         this.#report(model, started, "ok", options.jobType, completion);
         return completion;
       } catch (error) {
-        const local = localError?.();
+        const local = image && (image.imageError ?? image.body?.imageError);
         if (local !== undefined) {
           span.setStatus({ code: SpanStatusCode.ERROR, message: String(local) });
           span.setAttribute("error.type", "image");
