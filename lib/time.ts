@@ -98,8 +98,54 @@ export async function userTimeZone(
   return zone;
 }
 
-/** The wall clock and weekday shown in `timeZone` at `instant`. */
+/**
+ * From this instant on (1973-01-01T00:00:00Z), every zone's offset is a whole number of minutes
+ * and changes only at a whole minute (the last offset with seconds, Monrovia's -00:44:30, ended
+ * in January 1972): the offset found for any instant of a minute holds for the whole minute.
+ */
+const WHOLE_MINUTE_OFFSETS_FROM_MS = Date.UTC(1973, 0, 1);
+const WEEKDAYS = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+/** Offsets already asked of `Intl`, by zone and minute since the epoch. */
+const minuteOffsets = new Map<string, number>();
+const MINUTE_OFFSETS_KEPT = 4_096;
+
+/**
+ * The wall clock and weekday shown in `timeZone` at `instant`.
+ *
+ * `Intl` is asked once per zone and minute (about 25 µs a time, the largest cost of a prompt's
+ * "current time"); other instants of that minute are worked out from its offset.
+ */
 export function wallClockAt(
+  instant: Date,
+  timeZone: string,
+): WallClock & { weekday: string } {
+  const ms = instant.getTime();
+  if (!(ms >= WHOLE_MINUTE_OFFSETS_FROM_MS)) return intlWallClockAt(instant, timeZone);
+  const minute = Math.floor(ms / MINUTE_MS);
+  const key = `${minute} ${timeZone}`;
+  let offset = minuteOffsets.get(key);
+  if (offset === undefined) {
+    const wall = intlWallClockAt(instant, timeZone);
+    offset = wallAsUtcMs(wall) - ms;
+    if (minuteOffsets.size >= MINUTE_OFFSETS_KEPT) minuteOffsets.clear();
+    minuteOffsets.set(key, offset);
+    return wall;
+  }
+  const shown = new Date(ms + offset);
+  return {
+    year: shown.getUTCFullYear(),
+    month: shown.getUTCMonth() + 1,
+    day: shown.getUTCDate(),
+    hour: shown.getUTCHours(),
+    minute: shown.getUTCMinutes(),
+    second: shown.getUTCSeconds(),
+    millisecond: shown.getUTCMilliseconds(),
+    weekday: WEEKDAYS[shown.getUTCDay()],
+  };
+}
+
+/** {@linkcode wallClockAt}, read from `Intl` itself. */
+function intlWallClockAt(
   instant: Date,
   timeZone: string,
 ): WallClock & { weekday: string } {

@@ -9,6 +9,7 @@ import {
   resolveDateTime,
   timeZoneOrUtc,
   type WallClock,
+  wallClockAt,
   wallClockToInstant,
 } from "../lib/time.ts";
 
@@ -167,4 +168,103 @@ Deno.test("normalizeDateTime: offset-less read in the zone, offsets converted, d
   assert.equal(normalizeDateTime("2026-07-01", "America/New_York"), "2026-07-01T09:00:00-04:00");
   assert.equal(normalizeDateTime("20990301", "UTC"), null);
   assert.equal(normalizeDateTime("April 2, 3 PM", "UTC"), null);
+});
+
+/** The wall clock `Intl` shows in `zone` at `ms`, read independently of lib/time.ts. */
+function intlWall(ms: number, zone: string): string {
+  return new Intl.DateTimeFormat("en-US", {
+    timeZone: zone,
+    hourCycle: "h23",
+    weekday: "long",
+    year: "numeric",
+    month: "2-digit",
+    day: "2-digit",
+    hour: "2-digit",
+    minute: "2-digit",
+    second: "2-digit",
+  }).format(new Date(ms));
+}
+
+/** wallClockAt's answer in the same shape as {@linkcode intlWall}. */
+function libWall(ms: number, zone: string): string {
+  const w = wallClockAt(new Date(ms), zone);
+  const p = (n: number) => String(n).padStart(2, "0");
+  return `${w.weekday}, ${p(w.month)}/${p(w.day)}/${w.year}, ${p(w.hour)}:${p(w.minute)}:${
+    p(w.second)
+  }`;
+}
+
+Deno.test("wallClockAt agrees with Intl second by second around every offset change of 2025-2027", () => {
+  const zones = [
+    "Europe/London",
+    "America/New_York",
+    "America/St_Johns", // -03:30 / -02:30
+    "Australia/Lord_Howe", // a 30-minute change
+    "Pacific/Chatham", // +12:45 / +13:45
+    "Asia/Kathmandu", // +05:45, no change
+    "America/Santiago", // southern hemisphere
+    "Africa/Casablanca", // changes around Ramadan
+    "UTC",
+  ];
+  const HOUR = 3_600_000;
+  const offsetAt = (ms: number, zone: string) => {
+    const w = wallClockAt(new Date(ms), zone);
+    return Date.UTC(w.year, w.month - 1, w.day, w.hour, w.minute, w.second) - ms;
+  };
+  let changes = 0;
+  for (const zone of zones) {
+    for (let t = Date.UTC(2025, 0, 1); t < Date.UTC(2028, 0, 1); t += 6 * HOUR) {
+      if (offsetAt(t, zone) === offsetAt(t + 6 * HOUR, zone)) continue;
+      changes++;
+      // Find the change to the second, then compare every 7 s for 5 minutes either side, first
+      // at a late second of each minute (so that later instants of a minute use what it cached).
+      let [lo, hi] = [t, t + 6 * HOUR];
+      while (hi - lo > 1000) {
+        const mid = lo + Math.floor((hi - lo) / 2000) * 1000;
+        if (offsetAt(mid, zone) === offsetAt(lo, zone)) lo = mid;
+        else hi = mid;
+      }
+      for (let ms = hi - 5 * 60_000 + 59_000; ms < hi + 5 * 60_000; ms += 60_000) {
+        assert.equal(
+          libWall(ms, zone),
+          intlWall(ms, zone),
+          `${zone} ${new Date(ms).toISOString()}`,
+        );
+      }
+      for (let ms = hi - 5 * 60_000; ms < hi + 5 * 60_000; ms += 7_000) {
+        assert.equal(
+          libWall(ms, zone),
+          intlWall(ms, zone),
+          `${zone} ${new Date(ms).toISOString()}`,
+        );
+      }
+    }
+  }
+  // 2 a year in 6 zones, more in Casablanca; Kathmandu and UTC have none.
+  assert.ok(changes >= 36, `${changes} changes found`);
+});
+
+Deno.test("wallClockAt: old offsets with seconds, dates far apart, milliseconds kept", () => {
+  // Monrovia was -00:44:30 until 1972: read from Intl every time, not per minute.
+  const monrovia = Date.UTC(1971, 5, 1, 12, 0, 0);
+  assert.equal(libWall(monrovia, "Africa/Monrovia"), intlWall(monrovia, "Africa/Monrovia"));
+  assert.equal(libWall(monrovia + 30_000, "Africa/Monrovia"), "Tuesday, 06/01/1971, 11:16:00");
+  // It went to GMT at 1972-01-07T00:44:30Z, half way through a minute.
+  const change = Date.UTC(1972, 0, 7, 0, 44, 30);
+  for (const ms of [change - 20_000, change - 1_000, change, change + 10_000]) {
+    assert.equal(libWall(ms, "Africa/Monrovia"), intlWall(ms, "Africa/Monrovia"));
+  }
+  assert.equal(libWall(change + 10_000, "Africa/Monrovia"), "Friday, 01/07/1972, 00:44:40");
+  for (
+    const iso of ["2026-12-31T23:59:59.999Z", "2027-01-01T00:00:00.001Z", "2099-02-28T22:30:00Z"]
+  ) {
+    const ms = Date.parse(iso);
+    for (const zone of ["Pacific/Kiritimati", "Pacific/Pago_Pago", "Asia/Kolkata"]) {
+      assert.equal(libWall(ms, zone), intlWall(ms, zone), `${zone} ${iso}`);
+      assert.equal(libWall(ms + 1, zone), intlWall(ms + 1, zone), `${zone} ${iso} + 1 ms`);
+    }
+  }
+  const w = wallClockAt(new Date("2026-12-01T14:00:00.750Z"), "Europe/Berlin");
+  const again = wallClockAt(new Date("2026-12-01T14:00:00.250Z"), "Europe/Berlin");
+  assert.deepEqual([w.hour, w.millisecond, again.millisecond], [15, 750, 250]);
 });
