@@ -82,6 +82,15 @@ Deno.test("/metrics: counters move as jobs complete, fail and are dead-lettered"
     assert.match(type ?? "", /^text\/plain; version=0\.0\.4/);
     return text;
   };
+  // Core sees a job's end (its PATCH) a moment before the worker acknowledges and counts it.
+  const scrapeWhenCounted = async (jobType: string, outcome: string, count: number) => {
+    let text = "";
+    await stack.waitFor(async () => {
+      text = await scrape();
+      return sample(text, "llm_worker_jobs_total", { job_type: jobType, outcome }) === count;
+    }, `${count} ${outcome} ${jobType} job(s) counted`);
+    return text;
+  };
 
   const before = await scrape();
   assert.equal(sample(before, "llm_worker_jobs_total", { job_type: "followup" }), undefined);
@@ -94,8 +103,9 @@ Deno.test("/metrics: counters move as jobs complete, fail and are dead-lettered"
   await stack.publishRaw("llm:followup", ["data", "not json"]);
   await stack.waitForJobs([done, refused]);
   await stack.waitFor(async () => (await stack.deadLetters()).length === 1, "the dead letter");
+  await scrapeWhenCounted("followup", "completed", 1);
 
-  let after = await scrape();
+  let after = await scrapeWhenCounted("followup", "failed", 1);
   assert.equal(
     sample(after, "llm_worker_jobs_total", { job_type: "followup", outcome: "completed" }),
     1,
@@ -130,7 +140,7 @@ Deno.test("/metrics: counters move as jobs complete, fail and are dead-lettered"
   const nonsense = await stack.enqueue("task_match", { memory_id: "m", memory_content: "milk" });
   stack.core.seedTask({ owner_user_id: 1, description: "Buy milk" });
   await stack.waitForJobs([nonsense], 10_000);
-  after = await scrape();
+  after = await scrapeWhenCounted("task_match", "failed", 1);
   assert.equal(
     sample(after, "llm_worker_retries_total", { job_type: "task_match", kind: "invalid" }),
     1,
