@@ -187,9 +187,12 @@ Deno.test("/metrics: the model server going down shows as unavailable, with unav
 
   down = false;
   await stack.waitForJobs([jobId]);
-  metrics = await (await fetch(`${worker.http!.url}/metrics`)).text();
+  // Core sees the job end (its PATCH) a moment before the worker acknowledges the entry.
+  await stack.waitFor(async () => {
+    metrics = await (await fetch(`${worker.http!.url}/metrics`)).text();
+    return sample(metrics, "llm_worker_pending_entries", { stream: "llm:followup" }) === 0;
+  }, "the entry to be acknowledged");
   assert.equal(sample(metrics, "llm_worker_model_unavailable"), 0);
-  assert.equal(sample(metrics, "llm_worker_pending_entries", { stream: "llm:followup" }), 0);
 });
 
 Deno.test("ModelGateway.forJob labels requests with the job type and shares the slots", async () => {
