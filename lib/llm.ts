@@ -299,6 +299,8 @@ export class LLMClient {
     const request = (init as ImageRequestInit | undefined)?.[IMAGE_REQUEST];
     if (!request) return await this.#fetch(input, init);
     const { [IMAGE_REQUEST]: _, ...rest } = init as ImageRequestInit;
+    // The SDK does not retry (maxRetries 0), but a body from an earlier try must not stay open.
+    await request.body?.close();
     request.body = undefined;
     try {
       request.body = await imageRequestBody(rest, request.placeholder, request.image);
