@@ -52,6 +52,13 @@ export interface FakeModel {
   inFlight: number;
   /** The most chat requests answered at once. */
   maxInFlight: number;
+  /**
+   * Milliseconds from each delayed chat request's arrival to its answer, summed (with
+   * {@linkcode FakeModel.delayed}, the mean latency really given; compare with the one set).
+   */
+  delayedMs: number;
+  /** Chat requests answered after a latency (`latencyMs` above 0). */
+  delayed: number;
   /** While true, every request (chat and `/models`) is answered 503. */
   failing: boolean;
   /** Requests answered 503 so far. */
@@ -181,24 +188,39 @@ export function startFakeModel(options: FakeModelOptions = {}): FakeModel {
       state.maxInFlight = Math.max(state.maxInFlight, state.inFlight);
       try {
         options.onRequest?.(request);
-        const ms = (typeof latency === "number" ? latency : latency(request)) -
-          (performance.now() - arrived);
-        if (ms > 0) await new Promise((resolve) => setTimeout(resolve, ms));
+        const target = typeof latency === "number" ? latency : latency(request);
+        const ms = target - (performance.now() - arrived);
+        if (ms > 0) {
+          // A timer fires a millisecond or so late on a busy loop: ask for that much less, so
+          // the latency given is the one set, on average (measured in delayedMs).
+          const asked = Math.max(0, ms - timerLateMs);
+          const waited = performance.now();
+          await new Promise((resolve) => setTimeout(resolve, asked));
+          timerLateMs += (performance.now() - waited - asked - timerLateMs) / 16;
+        }
         await gate?.promise;
         if (state.failing) return unavailable();
-        return completion(answer(request), request.model);
+        const response = completion(answer(request), request.model);
+        if (target > 0) {
+          state.delayed++;
+          state.delayedMs += performance.now() - arrived;
+        }
+        return response;
       } finally {
         state.inFlight--;
       }
     },
   );
   let gate: PromiseWithResolvers<void> | undefined;
+  let timerLateMs = 0; // how late timers have fired, a moving average
   const state: FakeModel = {
     url: `http://127.0.0.1:${server.addr.port}/v1`,
     port: server.addr.port,
     requests: 0,
     inFlight: 0,
     maxInFlight: 0,
+    delayedMs: 0,
+    delayed: 0,
     failing: false,
     answered503: 0,
     pause: () => {
