@@ -1,12 +1,13 @@
 /**
  * Packaging: `deno bundle` (as `deno task bundle` runs it) makes a single file that starts on its
- * own (no node_modules, no config) with the start task's permissions, answers `/healthz`,
- * `/readyz` and `/metrics`, and stops cleanly on SIGTERM.
+ * own (no node_modules, no config) as the Dockerfile's `CMD` runs it, with the start task's
+ * flags, answers `/healthz`, `/readyz` and `/metrics`, and stops cleanly on SIGTERM.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { freePort, startRedis } from "./helpers/redis.ts";
+import { START_FLAGS } from "./helpers/worker_process.ts";
 
 const REPO_ROOT = fileURLToPath(new URL("../", import.meta.url));
 
@@ -17,6 +18,18 @@ function bundleArgs(out: string): string[] {
   args[args.indexOf("-o") + 1] = out;
   return args;
 }
+
+/** The runtime image's `CMD` (the arguments of `deno`), from the Dockerfile. */
+function dockerCmd(): string[] {
+  const dockerfile = Deno.readTextFileSync(join(REPO_ROOT, "Dockerfile"));
+  const line = dockerfile.split("\n").filter((l) => l.startsWith("CMD ")).at(-1);
+  assert.ok(line, "the Dockerfile has a CMD");
+  return JSON.parse(line.slice(4));
+}
+
+Deno.test("the Dockerfile runs the bundle with exactly the start task's flags", () => {
+  assert.deepEqual(dockerCmd(), ["run", "--no-config", ...START_FLAGS, "llm-worker.js"]);
+});
 
 async function waitForHttp(url: string, deadline: number): Promise<Response> {
   while (true) {
@@ -44,15 +57,7 @@ Deno.test("the offline bundle starts, serves /healthz and /readyz, and stops on 
 
     const port = freePort();
     const child = new Deno.Command(Deno.execPath(), {
-      args: [
-        "run",
-        "--no-config",
-        "--allow-net",
-        "--allow-env",
-        "--allow-read",
-        "--allow-sys=hostname",
-        bundle,
-      ],
+      args: dockerCmd().map((arg) => arg === "llm-worker.js" ? bundle : arg),
       cwd: dir, // no node_modules, no deno.json, no .env here
       clearEnv: true,
       env: {

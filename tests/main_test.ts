@@ -3,13 +3,12 @@
  */
 import assert from "node:assert/strict";
 import { defaultReply, startStack } from "./helpers/stack.ts";
-
-const START_FLAGS = ["run", "--allow-net", "--allow-env", "--allow-read", "--allow-sys=hostname"];
+import { START_FLAGS } from "./helpers/worker_process.ts";
 
 /** Spawns `deno run main.ts` with `env` only (plus PATH and HOME), in a folder with no `.env`. */
 function spawnMain(env: Record<string, string>, cwd: string) {
   return new Deno.Command(Deno.execPath(), {
-    args: [...START_FLAGS, new URL("../main.ts", import.meta.url).pathname],
+    args: ["run", ...START_FLAGS, new URL("../main.ts", import.meta.url).pathname],
     cwd,
     clearEnv: true,
     env: {

@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { startStack } from "./helpers/stack.ts";
+import { START_FLAGS } from "./helpers/worker_process.ts";
 
 const REPO_ROOT = fileURLToPath(new URL("../", import.meta.url));
 
@@ -50,10 +51,7 @@ Deno.test("OTEL_DENO=true exports a job span with the model and Core calls as ch
   const child = new Deno.Command(Deno.execPath(), {
     args: [
       "run",
-      "--allow-net",
-      "--allow-env",
-      "--allow-read",
-      "--allow-sys=hostname",
+      ...START_FLAGS,
       "--config",
       `${REPO_ROOT}deno.json`,
       `${REPO_ROOT}main.ts`,

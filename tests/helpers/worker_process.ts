@@ -13,13 +13,36 @@ import { fileURLToPath } from "node:url";
 /** The repository's root folder. */
 export const REPO_ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
 
-/** The permissions of the `start` task of deno.json. */
-export const START_PERMISSIONS: readonly string[] = [
-  "--allow-net",
-  "--allow-env",
-  "--allow-read",
-  "--allow-sys=hostname",
-];
+/**
+ * The flags of the `start` task of deno.json (`deno run <flags> main.ts`): its permissions and
+ * its V8 heap settings. Read from deno.json, so that the workers the tests and the bench start
+ * run exactly what an operator's `deno task start` runs.
+ */
+export const START_FLAGS: readonly string[] = startTaskFlags(
+  JSON.parse(Deno.readTextFileSync(`${REPO_ROOT}deno.json`)).tasks.start,
+);
+
+/**
+ * The flags between `deno run` and `main.ts` in a start task's command.
+ *
+ * @example
+ * ```ts
+ * startTaskFlags("deno run --allow-net main.ts"); // ["--allow-net"]
+ * ```
+ */
+export function startTaskFlags(task: string): string[] {
+  const words = task.trim().split(/\s+/);
+  if (words[0] !== "deno" || words[1] !== "run" || words.at(-1) !== "main.ts") {
+    throw new Error(`The start task should read "deno run <flags> main.ts", not "${task}".`);
+  }
+  return words.slice(2, -1);
+}
+
+/** The start flags with their `--v8-flags` replaced by `v8Flags` (left out when it is empty). */
+export function withV8Flags(flags: readonly string[], v8Flags: string): string[] {
+  const others = flags.filter((flag) => !flag.startsWith("--v8-flags="));
+  return v8Flags ? [`--v8-flags=${v8Flags}`, ...others] : others;
+}
 
 /**
  * Variables passed through from this process: so that Deno finds its cache, and the runtime's
@@ -55,7 +78,13 @@ export interface WorkerProcess {
  */
 export function startWorkerProcess(
   env: Record<string, string>,
-  options: { cwd?: string; extraArgs?: string[] } = {},
+  options: {
+    cwd?: string;
+    /** More flags for `deno run` (e.g. `--cpu-prof`). */
+    extraArgs?: string[];
+    /** V8 flags in place of the start task's (`""`: none, V8's own heap sizing). */
+    v8Flags?: string;
+  } = {},
 ): WorkerProcess {
   const name = env.WORKER_CONSUMER_NAME ?? `worker-${crypto.randomUUID().slice(0, 8)}`;
   const passed: Record<string, string> = {};
@@ -68,7 +97,7 @@ export function startWorkerProcess(
   const child = new Deno.Command(Deno.execPath(), {
     args: [
       "run",
-      ...START_PERMISSIONS,
+      ...(options.v8Flags === undefined ? START_FLAGS : withV8Flags(START_FLAGS, options.v8Flags)),
       "--config",
       `${REPO_ROOT}deno.json`,
       ...(options.extraArgs ?? []),
