@@ -166,9 +166,11 @@ function* stringPieces(base64: string): Generator<string, void, undefined> {
 const READ_WHOLE_BYTES = 65_536;
 
 /**
- * The bytes of the file at `path` as an image source's chunks: read whole, synchronously, when
- * `expectedSize` (what `stat` said) is at most 64 KiB, else read in 64 KiB chunks from a handle
- * that is closed once the file is read to its end, or as soon as the reader stops or fails.
+ * The bytes of the file at `path` as an image source's chunks: read whole when `expectedSize`
+ * (what `stat` said) is at most 64 KiB, else in 64 KiB chunks, each read as the request asks for
+ * it, from a handle that is closed once the file is read to its end, or as soon as the reader
+ * stops or fails. Every read is synchronous: a few microseconds from the page cache, where an
+ * asynchronous one costs the worker's thread 50 to 80 µs under load (a 1 MB photo is 16 reads).
  *
  * @example
  * ```ts
@@ -176,21 +178,26 @@ const READ_WHOLE_BYTES = 65_536;
  * const source = { mimeType: "image/jpeg", open: () => imageFileChunks(path, size) };
  * ```
  */
-export async function imageFileChunks(
+export function imageFileChunks(
   path: string,
   expectedSize: number,
-): Promise<Iterable<Uint8Array> | AsyncIterable<Uint8Array>> {
-  // A small file is read with one synchronous call: a few microseconds from the page cache,
-  // where each asynchronous call costs the worker's thread far more under load.
-  if (expectedSize <= READ_WHOLE_BYTES) return [Deno.readFileSync(path)];
-  return fileChunks(await Deno.open(path));
+): Promise<Iterable<Uint8Array>> {
+  try {
+    return Promise.resolve(
+      expectedSize <= READ_WHOLE_BYTES
+        ? [Deno.readFileSync(path)]
+        : fileChunks(Deno.openSync(path)),
+    );
+  } catch (error) {
+    return Promise.reject(error);
+  }
 }
 
-async function* fileChunks(file: Deno.FsFile): AsyncGenerator<Uint8Array, void, undefined> {
+function* fileChunks(file: Deno.FsFile): Generator<Uint8Array, void, undefined> {
   try {
     while (true) {
       const buffer = new Uint8Array(65_536);
-      const read = await file.read(buffer);
+      const read = file.readSync(buffer);
       if (read === null) return;
       yield buffer.subarray(0, read);
     }
