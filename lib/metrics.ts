@@ -137,6 +137,20 @@ export class WorkerMetrics {
         this.set(sources.modelAvailable() ? 0 : 1);
       },
     });
+    new Gauge({
+      name: "llm_worker_memory_bytes",
+      help:
+        "Memory of the worker's process, by kind: rss (resident), heap_total and heap_used (V8's heap), external (ArrayBuffers and other memory outside V8's heap that V8 accounts for).",
+      labelNames: ["kind"],
+      registers,
+      collect() {
+        const memory = Deno.memoryUsage();
+        this.set({ kind: "rss" }, memory.rss);
+        this.set({ kind: "heap_total" }, memory.heapTotal);
+        this.set({ kind: "heap_used" }, memory.heapUsed);
+        this.set({ kind: "external" }, memory.external);
+      },
+    });
     const streams = sources.streams ?? JOB_STREAMS;
     const timeoutMs = sources.pendingTimeoutMs ?? 1000;
     new Gauge({

@@ -97,6 +97,12 @@ Deno.test("/metrics: counters move as jobs complete, fail and are dead-lettered"
   assert.equal(sample(before, "llm_worker_model_unavailable"), 0);
   assert.equal(sample(before, "llm_worker_jobs_in_flight"), 0);
   assert.equal(sample(before, "llm_worker_pending_entries", { stream: "llm:followup" }), 0);
+  const memory = (kind: string) => sample(before, "llm_worker_memory_bytes", { kind }) ?? NaN;
+  const used = Deno.memoryUsage().heapUsed;
+  assert.ok(memory("rss") > memory("heap_total"), "the process is larger than V8's heap");
+  assert.ok(memory("heap_total") >= memory("heap_used"), "V8's heap holds what it uses");
+  assert.ok(memory("heap_used") > used / 4 && memory("heap_used") < used * 4, "this process' heap");
+  assert.ok(memory("external") > 0);
 
   const done = await stack.enqueue("followup", { message: "Book the dentist" });
   const refused = await stack.enqueue("followup", { context: "no message" });
