@@ -36,11 +36,16 @@ function sourceOf(bytes: Uint8Array, sizes: number[]): ImageSource & { closed: b
   return source;
 }
 
-/** Every chunk the body is sent in, decoded as text (one when it is plain bytes). */
+/**
+ * Every chunk the body is sent in, decoded as text (one when it is plain bytes), each as it is
+ * read, as the runtime's fetch takes them (a chunk is released once the next one is read).
+ */
 async function chunksOf(body: Uint8Array | ReadableStream<Uint8Array>): Promise<string[]> {
   const decoder = new TextDecoder();
-  const chunks = body instanceof Uint8Array ? [body] : await Array.fromAsync(body);
-  return chunks.map((chunk) => decoder.decode(chunk));
+  if (body instanceof Uint8Array) return [decoder.decode(body)];
+  const texts: string[] = [];
+  for await (const chunk of body) texts.push(decoder.decode(chunk));
+  return texts;
 }
 
 Deno.test("the placeholder becomes the base64 of the bytes, whatever the chunk sizes", async () => {
@@ -85,6 +90,23 @@ Deno.test("a small image is one plain body; a large one streams in 64 KiB pieces
   assert.ok(large[0].startsWith(JSON_BODY.slice(0, JSON_BODY.indexOf("IMAGE1"))));
   assert.ok(large.at(-1)!.endsWith('"}}]}],"model":"llava"}'));
   for (const middle of large.slice(1, -1)) assert.equal(middle.length, 65_536);
+});
+
+Deno.test("a chunk is released once the next one is read, and every chunk by close()", async () => {
+  const body = await imageRequestBody(INIT, "IMAGE1", sourceOf(randomBytes(500_000), [65_536]));
+  assert.ok(body.body instanceof ReadableStream);
+  const reader = body.body.getReader();
+  const chunks: Uint8Array[] = [];
+  for (let i = 0; i < 3; i++) {
+    const { value } = await reader.read();
+    chunks.push(value!);
+  }
+  await new Promise((resolve) => setTimeout(resolve, 0)); // the pull the third read started
+  // The runtime's fetch writes a chunk as it reads it: all but the latest read are released.
+  assert.deepEqual(chunks.map((chunk) => chunk.byteLength), [0, 0, 65_536]);
+  reader.releaseLock();
+  await body.close();
+  assert.deepEqual(chunks.map((chunk) => chunk.byteLength), [0, 0, 0]);
 });
 
 Deno.test("base64 text already made is copied in as it is", async () => {
@@ -147,14 +169,16 @@ Deno.test("imageFileChunks reads a small file whole and a large one in chunks, c
     for (const size of [1_000, 65_536, 300_000]) {
       const bytes = randomBytes(size);
       await Deno.writeFile(path, bytes);
-      const chunks = await Array.fromAsync(await imageFileChunks(path, size));
-      assert.equal(chunks.length, size <= 65_536 ? 1 : Math.ceil(size / 65_536), `${size} bytes`);
+      // A chunk is valid until the next is asked for (one buffer serves every read): copy it.
       const joined = new Uint8Array(size);
       let at = 0;
-      for (const chunk of chunks) {
+      let chunks = 0;
+      for await (const chunk of await imageFileChunks(path, size)) {
         joined.set(chunk, at);
         at += chunk.length;
+        chunks++;
       }
+      assert.equal(chunks, size <= 65_536 ? 1 : Math.ceil(size / 49_152), `${size} bytes`);
       assert.equal(at, size);
       assert.deepEqual(joined, bytes);
     }

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { type CompletionEvent, LLMClient, LLMError, retryAfterMs } from "../lib/llm.ts";
+import { imageFileChunks } from "../lib/image_body.ts";
 import { type ChatRequest, startModelServer } from "./helpers/model_server.ts";
 import { freePort } from "./helpers/redis.ts";
 
@@ -158,6 +159,45 @@ Deno.test("completeWithImageSource streams the file into the same request", asyn
     );
   } finally {
     await Deno.remove(path);
+  }
+});
+
+Deno.test("completeWithImageSource: four 2 MB photos at once, read with imageFileChunks, arrive byte for byte", async () => {
+  await using model = startModelServer(() => "A photo");
+  const dir = await Deno.makeTempDir();
+  try {
+    const photos = await Promise.all([0, 1, 2, 3].map(async (i) => {
+      const bytes = new Uint8Array(2_000_000 + i * 7);
+      for (let at = 0; at < bytes.length; at += 65_536) {
+        crypto.getRandomValues(bytes.subarray(at, at + 65_536));
+      }
+      bytes.set(PNG_BYTES);
+      const path = `${dir}/photo-${i}`;
+      await Deno.writeFile(path, bytes);
+      return { path, bytes };
+    }));
+    const llm = new LLMClient({ baseUrl: model.url });
+    const answers = await Promise.all(
+      photos.map(({ path, bytes }, i) =>
+        llm.completeWithImageSource("llava", `photo ${i}`, {
+          mimeType: "image/png",
+          open: () => imageFileChunks(path, bytes.length),
+        })
+      ),
+    );
+    assert.deepEqual(answers, ["A photo", "A photo", "A photo", "A photo"]);
+    assert.equal(model.requests.length, 4);
+    for (const request of model.requests) {
+      const content = request.body.messages.at(-1)?.content as Array<Record<string, unknown>>;
+      const i = Number(String((content[0] as { text: string }).text).split(" ")[1]);
+      assert.equal(
+        (content[1].image_url as { url: string }).url,
+        `data:image/png;base64,${photos[i].bytes.toBase64()}`,
+        `photo ${i}`,
+      );
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });
 
