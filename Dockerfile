@@ -27,8 +27,8 @@ USER deno
 
 ENV IMAGE_STORAGE_PATH=/data/images \
     WORKER_HTTP_PORT=9464
-# V8's heap is sized for the worker, as in `deno task start` (`--v8-flags`, README "Memory"): a 4 MB
-# young generation and V8's memory balancer. DENO_V8_FLAGS adds flags but cannot undo these (the
+# V8's heap is sized for the worker, as in `deno task start` (`--v8-flags`, README "Memory"): 8 MB
+# semi-spaces and V8's memory balancer. DENO_V8_FLAGS adds flags but cannot undo these (the
 # command line's flags are applied after it); to change them, override the CMD.
 # Shared with Core: the images to tag (IMAGE_STORAGE_PATH); the worker only reads it.
 VOLUME /data/images
@@ -42,4 +42,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
 # SIGTERM drains jobs in flight for up to WORKER_SHUTDOWN_TIMEOUT_MS (default 30 s): give the
 # container at least that long to stop (compose: stop_grace_period; Kubernetes:
 # terminationGracePeriodSeconds).
-CMD ["run", "--no-config", "--v8-flags=--max-semi-space-size=4,--memory-balancer", "--allow-net", "--allow-env", "--allow-read", "--allow-sys=hostname", "llm-worker.js"]
+CMD ["run", "--no-config", "--v8-flags=--max-semi-space-size=8,--memory-balancer", "--allow-net", "--allow-env", "--allow-read", "--allow-sys=hostname", "llm-worker.js"]
