@@ -186,9 +186,8 @@ async function* base64Pieces(
       let offset = 0;
       while (offset < chunk.length) {
         if (filled === 0 && chunk.length - offset >= PIECE_BYTES) {
-          const piece = encoder.encode(chunk.subarray(offset, offset + PIECE_BYTES).toBase64());
+          yield encoder.encode(chunk.subarray(offset, offset + PIECE_BYTES).toBase64());
           offset += PIECE_BYTES;
-          yield piece;
           continue;
         }
         const take = Math.min(PIECE_BYTES - filled, chunk.length - offset);

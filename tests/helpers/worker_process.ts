@@ -30,7 +30,7 @@ export const START_FLAGS: readonly string[] = startTaskFlags(
  * startTaskFlags("deno run --allow-net main.ts"); // ["--allow-net"]
  * ```
  */
-export function startTaskFlags(task: string): string[] {
+function startTaskFlags(task: string): string[] {
   const words = task.trim().split(/\s+/);
   if (words[0] !== "deno" || words[1] !== "run" || words.at(-1) !== "main.ts") {
     throw new Error(`The start task should read "deno run <flags> main.ts", not "${task}".`);
@@ -39,7 +39,7 @@ export function startTaskFlags(task: string): string[] {
 }
 
 /** The start flags with their `--v8-flags` replaced by `v8Flags` (left out when it is empty). */
-export function withV8Flags(flags: readonly string[], v8Flags: string): string[] {
+function withV8Flags(flags: readonly string[], v8Flags: string): string[] {
   const others = flags.filter((flag) => !flag.startsWith("--v8-flags="));
   return v8Flags ? [`--v8-flags=${v8Flags}`, ...others] : others;
 }
