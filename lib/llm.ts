@@ -18,7 +18,7 @@ import type {
 import { scopedSignal, sniffImageType } from "./utils.ts";
 import { type ImageRequestBody, imageRequestBody, type ImageSource } from "./image_body.ts";
 import { type Span, SpanKind, SpanStatusCode } from "@opentelemetry/api";
-import { tracer } from "./tracing.ts";
+import { withSpan } from "./tracing.ts";
 
 export type { ImageSource } from "./image_body.ts";
 
@@ -355,8 +355,8 @@ export class LLMClient {
       };
     }
     // A span per request (OpenTelemetry semantic conventions for generative AI); the SDK's
-    // `fetch` span nests under it. Without OTEL_DENO the tracer is a no-op.
-    return await tracer.startActiveSpan(`chat ${model}`, {
+    // `fetch` span nests under it. Without OTEL_DENO no span is made.
+    return await withSpan(`chat ${model}`, {
       kind: SpanKind.CLIENT,
       attributes: {
         "gen_ai.operation.name": "chat",

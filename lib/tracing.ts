@@ -1,17 +1,72 @@
 /**
  * Traces through OpenTelemetry's API. Deno's built-in OpenTelemetry (`OTEL_DENO=true`) registers
- * itself as the global tracer provider and exports over OTLP; without it every span is a no-op.
+ * itself as the global tracer provider and exports over OTLP; without it no span is made at all
+ * (not even a no-op one: at a thousand jobs a second the API's no-op spans and their context
+ * switches cost the worker's thread a few per cent).
  *
  * A job's span is active while the job runs, so the spans Deno makes for `fetch` (Core's REST
  * API, the model server) and the model client's `chat <model>` spans become its children.
  *
  * @module
  */
-import { type Span, SpanKind, SpanStatusCode, trace, type Tracer } from "@opentelemetry/api";
+import {
+  INVALID_SPAN_CONTEXT,
+  ProxyTracerProvider,
+  type Span,
+  SpanKind,
+  type SpanOptions,
+  SpanStatusCode,
+  trace,
+  type Tracer,
+} from "@opentelemetry/api";
 import type { Job } from "./handlers/types.ts";
 
 /** The tracer of the worker (instrumentation scope `llm-worker`). */
 export const tracer: Tracer = trace.getTracer("llm-worker");
+
+/** The API's no-op provider: what a proxy with no provider registered behind it hands out. */
+const NOOP_PROVIDER = new ProxyTracerProvider().getDelegate();
+
+/** The span handed to {@linkcode withSpan}'s callback when nothing traces: it records nothing. */
+const NON_RECORDING: Span = trace.wrapSpanContext(INVALID_SPAN_CONTEXT);
+
+/**
+ * True when a tracer provider is registered (Deno's, with `OTEL_DENO=true`, or one set with
+ * `trace.setGlobalTracerProvider`); false when every span would be a no-op.
+ *
+ * @example
+ * ```ts
+ * if (tracingEnabled()) console.log("spans are exported");
+ * ```
+ */
+export function tracingEnabled(): boolean {
+  const provider = trace.getTracerProvider();
+  return !(provider instanceof ProxyTracerProvider && provider.getDelegate() === NOOP_PROVIDER);
+}
+
+/**
+ * Runs `fn` inside an active span of the worker's tracer, as `tracer.startActiveSpan` does; when
+ * nothing traces, runs it at once with a span that records nothing. `fn` ends the span.
+ *
+ * @example
+ * ```ts
+ * const n = await withSpan("count", {}, async (span) => {
+ *   try {
+ *     return 1;
+ *   } finally {
+ *     span.end();
+ *   }
+ * });
+ * ```
+ */
+export function withSpan<T>(
+  name: string,
+  options: SpanOptions,
+  fn: (span: Span) => Promise<T>,
+): Promise<T> {
+  if (!tracingEnabled()) return fn(NON_RECORDING);
+  return tracer.startActiveSpan(name, options, fn);
+}
 
 /**
  * Runs one run of a job inside an active span named `job <job_type>`, with the job's id, type,
@@ -27,7 +82,8 @@ export function traceJob<T extends { outcome: string }>(
   job: Job,
   run: () => Promise<T>,
 ): Promise<T> {
-  return tracer.startActiveSpan(`job ${job.jobType}`, {
+  if (!tracingEnabled()) return run();
+  return withSpan(`job ${job.jobType}`, {
     kind: SpanKind.CONSUMER,
     attributes: {
       "messaging.system": "redis",
