@@ -88,9 +88,12 @@ export interface CoreEmulatorOptions {
   recordRequests?: boolean;
   /**
    * Called before every request is handled: return a `Response` to answer with it instead
-   * (fault injection, e.g. a 503), or `undefined` to go on.
+   * (fault injection, e.g. a 503), or `undefined` to go on; a promise of either makes the
+   * request wait for it (a slow Core).
    */
-  fault?: (request: { method: string; path: string }) => Response | undefined;
+  fault?: (
+    request: { method: string; path: string },
+  ) => Response | undefined | Promise<Response | undefined>;
 }
 
 /** A running emulator. */
@@ -183,8 +186,6 @@ export function startCoreEmulator(options: CoreEmulatorOptions = {}): CoreEmulat
     const url = new URL(req.url);
     const path = url.pathname;
     const method = req.method;
-    const injected = fault?.({ method, path });
-    if (injected) return injected;
 
     let body: unknown = undefined;
     if (method === "POST" || method === "PATCH") {
@@ -451,7 +452,8 @@ export function startCoreEmulator(options: CoreEmulatorOptions = {}): CoreEmulat
       if (url.pathname.startsWith("/_emulator/")) {
         return marked(emulatorRoute(req.method, url.pathname, text));
       }
-      const response = marked(handle(req, text));
+      const injected = await fault?.({ method: req.method, path: url.pathname });
+      const response = marked(injected ?? handle(req, text));
       if (record) {
         let body: unknown = undefined;
         try {

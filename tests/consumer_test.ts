@@ -503,6 +503,36 @@ Deno.test("WORKER_CONCURRENCY bounds model requests in flight", async () => {
   assert.equal(stack.model.maxInFlight, 3);
 });
 
+Deno.test("a job writing its results to a slow Core leaves its model slot to the next job", async () => {
+  const events: string[] = [];
+  await using stack = await startStack({
+    reply: (request) => {
+      events.push(`model: ${promptOf(request).includes("first") ? "first" : "second"}`);
+      return defaultReply(request);
+    },
+  });
+  const first = await stack.enqueue("followup", { message: "the first question" }, 1);
+  // Core takes 1.5 s over the first job's final PATCH.
+  stack.core.setFault(async ({ method, path }) => {
+    if (method === "PATCH" && path === `/llm_jobs/${first}`) {
+      events.push("PATCH first: sent");
+      await delay(1_500);
+      events.push("PATCH first: answered");
+    }
+    return undefined;
+  });
+  await stack.startWorker({ WORKER_CONCURRENCY: "1" });
+  await stack.waitFor(() => events.includes("PATCH first: sent"), "the first PATCH");
+  const second = await stack.enqueue("followup", { message: "the second question" }, 2);
+  await stack.waitForJobs([first, second]);
+  assert.deepEqual(events, [
+    "model: first",
+    "PATCH first: sent",
+    "model: second",
+    "PATCH first: answered",
+  ]);
+});
+
 Deno.test("an expired job fails without a model call", async () => {
   await using stack = await startStack();
   const job = stack.core.seedJob({ job_type: "followup", payload: { message: "old" }, user_id: 1 });
