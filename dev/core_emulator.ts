@@ -452,7 +452,8 @@ export function startCoreEmulator(options: CoreEmulatorOptions = {}): CoreEmulat
       if (url.pathname.startsWith("/_emulator/")) {
         return marked(emulatorRoute(req.method, url.pathname, text));
       }
-      const injected = await fault?.({ method: req.method, path: url.pathname });
+      // No await without a fault hook: this is the bench's Core, on its hot path.
+      const injected = fault ? await fault({ method: req.method, path: url.pathname }) : undefined;
       const response = marked(injected ?? handle(req, text));
       if (record) {
         let body: unknown = undefined;
