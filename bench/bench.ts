@@ -22,6 +22,7 @@ import {
   type WorkerProcess,
 } from "../tests/helpers/worker_process.ts";
 import { GROUP } from "../lib/streams.ts";
+import { describeSpeed, machineInfo, startSpeedGauge } from "./machine.ts";
 import type { BareRequest, BareSpec } from "./bare_client.ts";
 import { clockMs, type FakeChatRequest, startFakeModel, tokenOf } from "./fake_model.ts";
 import {
@@ -568,22 +569,6 @@ async function perUser(): Promise<void> {
 
 // ----------------------------------------------------------------------------------- the run
 
-async function machine(): Promise<Record<string, unknown>> {
-  const cpuinfo = await new Deno.Command("cat", { args: ["/proc/cpuinfo"], stdout: "piped" })
-    .output().then((o) => new TextDecoder().decode(o.stdout)).catch(() => "");
-  const redisVersion = await new Deno.Command("redis-server", { args: ["--version"] }).output()
-    .then((o) => /v=(\S+)/.exec(new TextDecoder().decode(o.stdout))?.[1] ?? "?")
-    .catch(() => "?");
-  return {
-    cpu: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1] ?? "unknown",
-    cores: navigator.hardwareConcurrency,
-    memoryGb: round(Deno.systemMemoryInfo().total / 1024 ** 3),
-    os: `${Deno.build.os} ${Deno.osRelease()}`,
-    deno: Deno.version.deno,
-    redis: redisVersion,
-  };
-}
-
 function table(): string {
   const header = [
     "scenario",
@@ -617,6 +602,7 @@ function table(): string {
 }
 
 const began = performance.now();
+const gauge = await startSpeedGauge();
 try {
   if (only.has("1") || only.has("5")) {
     await modelBound(1024 * 1024);
@@ -626,16 +612,20 @@ try {
   if (only.has("2")) await overhead();
   if (only.has("3")) await pickUp();
   if (only.has("4")) await perUser();
-  const info = await machine();
+  const info = await machineInfo();
+  const speed = await gauge.finish();
   const results = {
     date: new Date().toISOString(),
     machine: info,
+    speed,
     scale,
     durationS: round((performance.now() - began) / 1000),
     rows,
   };
   console.log(
-    `\nLLM worker benchmark, ${results.date}\n${info.cpu}, ${info.cores} cores, ${info.memoryGb} GB, ${info.os}, Deno ${info.deno}, Redis ${info.redis}\n`,
+    `\nLLM worker benchmark, ${results.date}\n${info.cpu}, ${info.cores} cores, ${info.memoryGb} GB, ${info.os}, Deno ${info.deno}, Redis ${info.redis}\n${
+      describeSpeed(speed)
+    }\n`,
   );
   console.log(table());
   for (const row of rows) {
