@@ -22,7 +22,7 @@ import {
   type WorkerProcess,
 } from "../tests/helpers/worker_process.ts";
 import { GROUP } from "../lib/streams.ts";
-import { describeSpeed, machineInfo, startSpeedGauge } from "./machine.ts";
+import { describeSpeed, machineInfo, processCpuMs, startSpeedGauge } from "./machine.ts";
 import type { BareRequest, BareSpec } from "./bare_client.ts";
 import { clockMs, type FakeChatRequest, startFakeModel, tokenOf } from "./fake_model.ts";
 import {
@@ -199,14 +199,6 @@ core.setFault(() => {
   return undefined;
 });
 
-/** CPU time (user + system) of a process in ms, from /proc (read with `cat`). */
-async function cpuMs(pid: number): Promise<number> {
-  const output = await new Deno.Command("cat", { args: [`/proc/${pid}/stat`], stdout: "piped" })
-    .output();
-  const fields = new TextDecoder().decode(output.stdout).split(") ")[1]?.split(" ") ?? [];
-  return (Number(fields[11]) + Number(fields[12])) * 10; // clock ticks of 10 ms
-}
-
 async function redisInfo(): Promise<{ commands: number; cpuMs: number }> {
   const info = await client.info("all");
   const num = (name: string) => Number(new RegExp(`^${name}:([\\d.]+)`, "m").exec(info)?.[1] ?? 0);
@@ -222,8 +214,8 @@ async function snapshot(worker: WorkerProcess): Promise<Costs> {
     redisCommands: redisNow.commands,
     coreCalls,
     modelCalls: model.requests,
-    workerCpuMs: await cpuMs(worker.pid),
-    benchCpuMs: await cpuMs(Deno.pid),
+    workerCpuMs: await processCpuMs(worker.pid),
+    benchCpuMs: await processCpuMs(Deno.pid),
     redisCpuMs: redisNow.cpuMs,
   };
 }

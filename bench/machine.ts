@@ -22,10 +22,27 @@ export interface MachineInfo {
   redis: string;
 }
 
-/** Reads a `/proc` file with `cat`: Deno lets a script read `/proc` only with `--allow-all`. */
-async function readProc(path: string): Promise<string> {
+/**
+ * The text of a `/proc` file, or `""` when it cannot be read (a process that is gone). Read with
+ * `cat`: Deno lets a script read `/proc` only with `--allow-all`.
+ *
+ * @example
+ * ```ts
+ * const status = await readProc(`/proc/${Deno.pid}/status`);
+ * ```
+ */
+export async function readProc(path: string): Promise<string> {
   return await new Deno.Command("cat", { args: [path], stdout: "piped", stderr: "null" })
     .output().then((o) => new TextDecoder().decode(o.stdout)).catch(() => "");
+}
+
+/**
+ * CPU time (user and system, all its threads) a process has used, in ms, from `/proc/<pid>/stat`;
+ * `NaN` when the process is gone.
+ */
+export async function processCpuMs(pid: number): Promise<number> {
+  const fields = (await readProc(`/proc/${pid}/stat`)).split(") ")[1]?.split(" ") ?? [];
+  return (Number(fields[11]) + Number(fields[12])) * 10; // clock ticks of 10 ms
 }
 
 /**

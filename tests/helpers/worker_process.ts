@@ -9,6 +9,7 @@
  * @module
  */
 import { fileURLToPath } from "node:url";
+import { readProc } from "../../bench/machine.ts";
 
 /** The repository's root folder. */
 export const REPO_ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
@@ -152,20 +153,11 @@ export function startWorkerProcess(
 
 /**
  * The current and peak resident memory of a process in bytes (`VmRSS`, `VmHWM`); zeros when it
- * is gone. Read with `cat`: Deno lets a script read `/proc` only with `--allow-all`.
+ * is gone.
  */
 export async function processMemory(pid: number): Promise<{ rss: number; peak: number }> {
-  try {
-    const output = await new Deno.Command("cat", {
-      args: [`/proc/${pid}/status`],
-      stdout: "piped",
-      stderr: "null",
-    }).output();
-    const text = new TextDecoder().decode(output.stdout);
-    const kb = (field: string) =>
-      Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(text)?.[1] ?? 0) * 1024;
-    return { rss: kb("VmRSS"), peak: kb("VmHWM") };
-  } catch {
-    return { rss: 0, peak: 0 };
-  }
+  const text = await readProc(`/proc/${pid}/status`);
+  const kb = (field: string) =>
+    Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(text)?.[1] ?? 0) * 1024;
+  return { rss: kb("VmRSS"), peak: kb("VmHWM") };
 }
