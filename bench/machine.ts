@@ -6,6 +6,11 @@
  * @module
  */
 
+/** `value` rounded to `digits` decimals. */
+function round(value: number, digits: number): number {
+  return Number(value.toFixed(digits));
+}
+
 /** The machine a run was made on. */
 export interface MachineInfo {
   /** CPU model name from `/proc/cpuinfo`. */
@@ -62,7 +67,7 @@ export async function machineInfo(): Promise<MachineInfo> {
   return {
     cpu: /^model name\s*:\s*(.+)$/m.exec(cpuinfo)?.[1] ?? "unknown",
     cores: navigator.hardwareConcurrency,
-    memoryGb: Math.round(Deno.systemMemoryInfo().total / 1024 ** 3 * 10) / 10,
+    memoryGb: round(Deno.systemMemoryInfo().total / 1024 ** 3, 1),
     os: `${Deno.build.os} ${Deno.osRelease()}`,
     deno: Deno.version.deno,
     redis: redisVersion,
@@ -96,7 +101,7 @@ export function speedProbe(rounds = 5): number {
   const encoder = new TextEncoder();
   let best = Infinity;
   let sink = 0;
-  for (let round = 0; round < rounds; round++) {
+  for (let pass = 0; pass < rounds; pass++) {
     const began = performance.now();
     for (let i = 0; i < 8000; i++) {
       const body = JSON.stringify({ ...PROBE_REQUEST, user: `J${i}` });
@@ -192,7 +197,6 @@ export async function startSpeedGauge(): Promise<{ finish(): Promise<RunSpeed> }
       const probeMsAtEnd = speedProbe();
       const after = await cpuTimes();
       const shares = before && after ? cpuShares(before, after) : undefined;
-      const round = (value: number, digits: number) => Number(value.toFixed(digits));
       return {
         probeMsAtStart: round(probeMsAtStart, 1),
         probeMsAtEnd: round(probeMsAtEnd, 1),
