@@ -329,7 +329,10 @@ async function withWorker<T>(
   } finally {
     const status = await worker.kill("SIGTERM");
     const logTo = Deno.env.get("BENCH_WORKER_LOG"); // e.g. with BENCH_WORKER_ARGS=--v8-flags=--trace-gc
-    if (logTo) await Deno.writeTextFile(logTo, worker.output(), { append: true });
+    if (logTo) {
+      const heading = `=== worker at concurrency ${concurrency}, ${describeFlags(v8Flags)}\n`;
+      await Deno.writeTextFile(logTo, heading + worker.output(), { append: true });
+    }
     if (!status.success) console.error(`worker exited with ${status.code}:\n${worker.output()}`);
   }
 }
