@@ -22,7 +22,7 @@ import {
   type WorkerProcess,
 } from "../tests/helpers/worker_process.ts";
 import { GROUP } from "../lib/streams.ts";
-import { describeSpeed, machineInfo, processCpuMs, startSpeedGauge } from "./machine.ts";
+import { describeSpeed, machineInfo, processCpuMs, round, startSpeedGauge } from "./machine.ts";
 import type { BareRequest, BareSpec } from "./bare_client.ts";
 import { clockMs, type FakeChatRequest, startFakeModel, tokenOf } from "./fake_model.ts";
 import {
@@ -349,7 +349,6 @@ const percentile = (values: number[], p: number) => {
   const sorted = [...values].sort((a, b) => a - b);
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 };
-const round = (value: number, digits = 1) => Number(value.toFixed(digits));
 const log = (message: string) => console.error(`[bench] ${message}`);
 
 // ---------------------------------------------------------------------------------- scenarios

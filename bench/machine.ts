@@ -6,8 +6,15 @@
  * @module
  */
 
-/** `value` rounded to `digits` decimals. */
-function round(value: number, digits: number): number {
+/**
+ * `value` rounded to `digits` decimals (one by default), as a number for the results.
+ *
+ * @example
+ * ```ts
+ * round(2.345, 2); // 2.35
+ * ```
+ */
+export function round(value: number, digits = 1): number {
   return Number(value.toFixed(digits));
 }
 

@@ -5,9 +5,16 @@ import {
   cpuTimes,
   describeSpeed,
   machineInfo,
+  round,
   speedProbe,
   startSpeedGauge,
 } from "../bench/machine.ts";
+
+Deno.test("round: one decimal unless told, as a number", () => {
+  assert.equal(round(141.94), 141.9);
+  assert.equal(round(0.12345, 3), 0.123);
+  assert.equal(round(2), 2);
+});
 
 Deno.test("cpuShares: steal and idle as shares of the ticks between two readings", () => {
   const before = { total: 1_000, steal: 10, idle: 400 };
