@@ -51,6 +51,13 @@ export async function readProc(path: string): Promise<string> {
 /**
  * CPU time (user and system, all its threads) a process has used, in ms, from `/proc/<pid>/stat`;
  * `NaN` when the process is gone.
+ *
+ * @example
+ * ```ts
+ * const before = await processCpuMs(Deno.pid);
+ * // ... some work ...
+ * console.log(`used ${(await processCpuMs(Deno.pid)) - before} ms of CPU`);
+ * ```
  */
 export async function processCpuMs(pid: number): Promise<number> {
   const fields = (await readProc(`/proc/${pid}/stat`)).split(") ")[1]?.split(" ") ?? [];
@@ -164,6 +171,12 @@ export async function cpuTimes(): Promise<CpuTimes | undefined> {
 /**
  * The share of the machine's CPU time between two readings that went to other guests (steal)
  * and that was left idle, each from 0 to 1.
+ *
+ * @example
+ * ```ts
+ * cpuShares({ total: 1000, steal: 10, idle: 400 }, { total: 1200, steal: 30, idle: 450 });
+ * // { steal: 0.1, idle: 0.25 }
+ * ```
  */
 export function cpuShares(before: CpuTimes, after: CpuTimes): { steal: number; idle: number } {
   const total = after.total - before.total;
@@ -214,7 +227,15 @@ export async function startSpeedGauge(): Promise<{ finish(): Promise<RunSpeed> }
   };
 }
 
-/** A run's speed in one line, for the bench's header. */
+/**
+ * A run's speed in one line, for the bench's header.
+ *
+ * @example
+ * ```ts
+ * describeSpeed({ probeMsAtStart: 90, probeMsAtEnd: 91 });
+ * // "Speed probe 90 ms at the start, 91 ms at the end (one thread's fixed JSON and string work; …)"
+ * ```
+ */
 export function describeSpeed(speed: RunSpeed): string {
   const probe = `Speed probe ${speed.probeMsAtStart} ms at the start, ${speed.probeMsAtEnd} ms ` +
     "at the end (one thread's fixed JSON and string work; lower is faster)";
