@@ -617,7 +617,7 @@ export class Consumer {
       result = await handler.run({
         job,
         core: this.#core,
-        model: this.#model.forJob(job.jobType, item.answers),
+        model: this.#model.forJob(job.jobType, item.answers, log),
         effects: item.effects!,
         settings: this.#s,
         now: () => new Date(this.#now()),

@@ -12,7 +12,9 @@ import type { Redis } from "ioredis";
 import type { ConsumerEvents, JobOutcome } from "./consumer.ts";
 import type { Job } from "./handlers/types.ts";
 import type { CompletionEvent } from "./llm.ts";
-import { GROUP, JOB_STREAMS } from "./streams.ts";
+import { REPAIRS } from "./accept.ts";
+import type { RepairEvent } from "./model.ts";
+import { GROUP, JOB_STREAMS, STREAM_OF } from "./streams.ts";
 
 /** What the gauges read at scrape time. */
 export interface MetricsSources {
@@ -60,6 +62,7 @@ export class WorkerMetrics {
   readonly #tokens: Counter<"model" | "kind">;
   readonly #retries: Counter<"job_type" | "kind">;
   readonly #deadLettered: Counter<"stream">;
+  readonly #repaired: Counter<"job_type" | "repair">;
 
   /** Registers every metric; the gauges read `sources` when scraped. */
   constructor(sources: MetricsSources) {
@@ -105,6 +108,17 @@ export class WorkerMetrics {
       labelNames: ["stream"],
       registers,
     });
+    this.#repaired = new Counter({
+      name: "llm_worker_answers_repaired_total",
+      help:
+        "Model answers used after mending, by job type and repair (json_in_text, json_syntax, missing_field, enum_spelling, ...; one answer counts once per kind of repair).",
+      labelNames: ["job_type", "repair"],
+      registers,
+    });
+    // Every series exists from the start, so increase() sees the first sloppy answer.
+    for (const jobType of Object.keys(STREAM_OF)) {
+      for (const repair of REPAIRS) this.#repaired.inc({ job_type: jobType, repair }, 0);
+    }
     new Gauge({
       name: "llm_worker_jobs_in_flight",
       help: "Jobs running now.",
@@ -200,6 +214,12 @@ export class WorkerMetrics {
         event.completion.completionTokens,
       );
     }
+  }
+
+  /** Counts an answer used after mending (give this to the model gateway's `onRepair`). */
+  onRepair(event: RepairEvent): void {
+    const jobType = event.jobType ?? "none";
+    for (const repair of event.repairs) this.#repaired.inc({ job_type: jobType, repair });
   }
 
   /** The Content-Type of {@linkcode WorkerMetrics.metrics}'s text. */

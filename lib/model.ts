@@ -11,11 +11,12 @@
  */
 import { z } from "zod";
 import type { Logger } from "@logtape/logtape";
+import { acceptAnswer, type Repair } from "./accept.ts";
 import { InvalidAnswerError } from "./errors.ts";
 import type { Effects } from "./handlers/types.ts";
 import { type ImageSource, type JsonSchemaFormat, type LLMClient, LLMError } from "./llm.ts";
 import { Semaphore } from "./semaphore.ts";
-import { extractJson, sleep, stripThinking } from "./utils.ts";
+import { readJson, sleep, stripThinking } from "./utils.ts";
 import { describeError, logger } from "./log.ts";
 
 /** Which of the two configured models a request goes to. */
@@ -39,6 +40,11 @@ export interface TextRequest {
   image?: ImageInput;
   /** Cancels the request. */
   signal?: AbortSignal;
+  /**
+   * For a plain-text question: when the model answers a JSON object instead, the first of these
+   * keys that holds a non-empty string is the answer (repair `text_from_json`).
+   */
+  textKeys?: readonly string[];
 }
 
 /** What {@linkcode ModelGateway.ask} sends: a text request plus the schema of the answer. */
@@ -64,6 +70,18 @@ export interface ModelGatewayOptions {
   structuredOutput?: StructuredOutputMode;
   /** Told about every request's availability; default: none. */
   health?: ModelHealth;
+  /** Told what had to be mended in an answer before it could be used (see `lib/accept.ts`). */
+  onRepair?: (event: RepairEvent) => void;
+}
+
+/** An answer that was used after mending, as told to {@linkcode ModelGatewayOptions.onRepair}. */
+export interface RepairEvent {
+  /** The job type of the view that asked (see {@linkcode ModelGateway.forJob}), if any. */
+  jobType?: string;
+  /** The answer schema's name (`intent_result`), or `text` for a plain-text question. */
+  schemaName: string;
+  /** What was mended, each kind once. */
+  repairs: Repair[];
 }
 
 /**
@@ -94,7 +112,7 @@ export class ModelGateway {
   #answers?: Effects;
   /** Questions asked by this view so far (the key of each kept answer). */
   #asked = 0;
-  readonly #log: Logger = logger("model");
+  #log: Logger = logger("model");
 
   /** Creates the gateway; `concurrency` slots are shared by every job. */
   constructor(options: ModelGatewayOptions) {
@@ -109,7 +127,8 @@ export class ModelGateway {
   /**
    * A view of this gateway for one job type: the same slots, health and structured-output
    * memory, with every request labelled `jobType` in the model client's events and spans. With
-   * `answers`, each valid answer is kept there for a later run of the same job.
+   * `answers`, each valid answer is kept there for a later run of the same job; with `log`, the
+   * view logs there (the job's logger) what it had to mend in an answer.
    *
    * @example
    * ```ts
@@ -117,12 +136,13 @@ export class ModelGateway {
    * await model.askText({ role: "text", prompt: "..." }); // reported with jobType "followup"
    * ```
    */
-  forJob(jobType: string, answers?: Effects): ModelGateway {
+  forJob(jobType: string, answers?: Effects, log?: Logger): ModelGateway {
     const view = new ModelGateway(this.#options);
     view.#slots = this.#slots;
     view.#noSchema = this.#noSchema;
     view.#jobType = jobType;
     view.#answers = answers;
+    if (log) view.#log = log;
     return view;
   }
 
@@ -154,7 +174,17 @@ export class ModelGateway {
   async #askText(request: TextRequest): Promise<string> {
     const text = stripThinking(await this.#send(request));
     if (!text) throw new InvalidAnswerError("The model's answer was empty.", text);
-    return text;
+    if (!request.textKeys) return text;
+    const fromJson = textFromJson(text, request.textKeys);
+    if (fromJson === undefined) return text;
+    if (fromJson === null) {
+      throw new InvalidAnswerError(
+        `The model answered a JSON object with none of ${request.textKeys.join(", ")}.`,
+        text,
+      );
+    }
+    this.#reportRepairs("text", ["text_from_json"]);
+    return fromJson;
   }
 
   /**
@@ -181,13 +211,14 @@ export class ModelGateway {
     const text = stripThinking(
       await this.#send(request, { name: request.schemaName, schema: jsonSchemaOf(request.schema) }),
     );
-    let json: unknown;
+    let read;
     try {
-      json = extractJson(text);
+      read = readJson(text);
     } catch (error) {
       throw new InvalidAnswerError(describeError(error), text);
     }
-    const parsed = request.schema.safeParse(json);
+    const accepted = acceptAnswer(request.schema, read.value);
+    const parsed = request.schema.safeParse(accepted.value);
     if (!parsed.success) {
       const issues = parsed.error.issues.slice(0, 5).map((issue) =>
         `${issue.path.join(".") || "(root)"}: ${issue.message}`
@@ -197,7 +228,22 @@ export class ModelGateway {
         text,
       );
     }
+    const repairs: Repair[] = [
+      ...(read.embedded ? ["json_in_text" as const] : []),
+      ...(read.tolerant ? ["json_syntax" as const] : []),
+      ...accepted.repairs,
+    ];
+    if (repairs.length > 0) this.#reportRepairs(request.schemaName, repairs);
     return parsed.data;
+  }
+
+  /** Counts and logs (at debug) an answer that was used after mending. */
+  #reportRepairs(schemaName: string, repairs: Repair[]): void {
+    this.#log.debug("Used the model's {schemaName} answer after mending it: {repairs}.", {
+      schemaName,
+      repairs: repairs.join(", "),
+    });
+    this.#options.onRepair?.({ jobType: this.#jobType, schemaName, repairs });
   }
 
   async #send(request: TextRequest, format?: JsonSchemaFormat): Promise<string> {
@@ -251,6 +297,27 @@ export class ModelGateway {
       ? await this.#llm.completeWithImageSource(model, request.prompt, request.image, options)
       : await this.#llm.complete(model, request.prompt, options);
   }
+}
+
+/**
+ * When `text` is a JSON object (alone or in a code fence): the text under the first of `keys`
+ * that holds one, or null when none does. Undefined when `text` is not a JSON object.
+ */
+function textFromJson(text: string, keys: readonly string[]): string | null | undefined {
+  if (!text.replace(/```[a-zA-Z0-9_-]*/g, "").trim().startsWith("{")) return undefined;
+  let value: unknown;
+  try {
+    value = readJson(text).value;
+  } catch {
+    return undefined;
+  }
+  if (!value || typeof value !== "object" || Array.isArray(value)) return undefined;
+  const record = value as Record<string, unknown>;
+  for (const key of keys) {
+    const field = record[key];
+    if (typeof field === "string" && field.trim()) return field.trim();
+  }
+  return null;
 }
 
 const schemaCache = new WeakMap<z.ZodType, Record<string, unknown>>();

@@ -4,36 +4,79 @@
  *
  * @module
  */
+import JSON5 from "json5";
+
+/** JSON read out of model text by {@linkcode readJson}, and how it had to be read. */
+export interface ReadJson {
+  /** The parsed value. */
+  value: unknown;
+  /** True when the JSON stood inside other text (prose, a code fence), not alone. */
+  embedded: boolean;
+  /** True when it parsed only as JSON5 (trailing commas, comments, single quotes, bare keys). */
+  tolerant: boolean;
+}
 
 /**
  * Reads JSON out of unreliable model output.
  *
  * Tries, in order: the whole text; then every candidate from left to right — the body of each
- * markdown code fence and each balanced `{...}` or `[...]` block (brackets inside JSON strings
- * are not counted) — and returns the first that parses.
+ * markdown code fence and each balanced `{...}` or `[...]` block (brackets inside strings are not
+ * counted) — and returns the first that parses. Strict JSON is tried first everywhere; only when
+ * nothing parses strictly is each tried again as JSON5, which takes trailing commas, comments,
+ * single quotes and unquoted keys.
  *
  * @throws {Error} quoting the first 200 characters when no JSON is found.
  *
  * @example
  * ```ts
- * extractJson('Sure! ```json\n{"a": 1}\n``` Hope it helps'); // { a: 1 }
+ * import assert from "node:assert/strict";
+ * const read = readJson("Sure! Here it is: {intent: 'search', keywords: ['cake',],} Enjoy");
+ * assert.deepEqual(read, {
+ *   value: { intent: "search", keywords: ["cake"] },
+ *   embedded: true,
+ *   tolerant: true,
+ * });
  * ```
  */
-export function extractJson(text: string): unknown {
-  const whole = tryParse(text.trim());
-  if (whole.ok) return whole.value;
-  for (const candidate of candidates(text)) {
-    const parsed = tryParse(candidate);
-    if (parsed.ok) return parsed.value;
+export function readJson(text: string): ReadJson {
+  const whole = text.trim();
+  let inner: string[] | undefined;
+  for (const parse of [JSON.parse, JSON5.parse]) {
+    const tolerant = parse !== JSON.parse;
+    const parsed = tryParse(whole, parse);
+    if (parsed.ok) return { value: parsed.value, embedded: false, tolerant };
+    inner ??= [...candidates(text)];
+    for (const candidate of inner) {
+      const found = tryParse(candidate, parse);
+      if (found.ok) return { value: found.value, embedded: true, tolerant };
+    }
   }
   const head = text.length > 200 ? `${text.slice(0, 200)}…` : text;
   throw new Error(`No JSON found in the model's answer: ${JSON.stringify(head)}`);
 }
 
-function tryParse(text: string): { ok: true; value: unknown } | { ok: false } {
+/**
+ * The value of {@linkcode readJson}, without how it was read.
+ *
+ * @throws {Error} quoting the first 200 characters when no JSON is found.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * assert.deepEqual(extractJson('Sure! {"a": 1} Hope it helps'), { a: 1 });
+ * ```
+ */
+export function extractJson(text: string): unknown {
+  return readJson(text).value;
+}
+
+function tryParse(
+  text: string,
+  parse: (text: string) => unknown,
+): { ok: true; value: unknown } | { ok: false } {
   if (!text) return { ok: false };
   try {
-    return { ok: true, value: JSON.parse(text) };
+    return { ok: true, value: parse(text) };
   } catch {
     return { ok: false };
   }
@@ -55,15 +98,15 @@ function* candidates(text: string): Generator<string> {
 /** The index of the bracket closing the one at `start`, or -1; brackets in strings don't count. */
 function balancedEnd(text: string, start: number): number {
   const stack: string[] = [];
-  let inString = false;
+  let quote = ""; // the quote of the string being read (JSON5 strings may use either)
   for (let i = start; i < text.length; i++) {
     const ch = text[i];
-    if (inString) {
+    if (quote) {
       if (ch === "\\") i++;
-      else if (ch === '"') inString = false;
+      else if (ch === quote) quote = "";
       continue;
     }
-    if (ch === '"') inString = true;
+    if (ch === '"' || ch === "'") quote = ch;
     else if (ch === "{") stack.push("}");
     else if (ch === "[") stack.push("]");
     else if (ch === "}" || ch === "]") {

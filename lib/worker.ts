@@ -110,6 +110,7 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     concurrency: settings.workerConcurrency,
     structuredOutput: settings.llmStructuredOutput,
     health,
+    onRepair: (event) => metrics.onRepair(event),
   });
   const core = new CoreApiClient({ baseUrl: settings.coreApiUrl, fetch: options.fetch });
   const consumer: Consumer = new Consumer({

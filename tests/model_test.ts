@@ -61,13 +61,13 @@ Deno.test("ask reads JSON out of a chatty answer", async () => {
 });
 
 Deno.test("ask throws InvalidAnswerError on chatty JSON that breaks the schema", async () => {
-  await using model = startModelServer(() => 'Sure thing: {"tags": "dog, cat"} hope it helps');
+  await using model = startModelServer(() => 'Sure thing: {"tags": 7} hope it helps');
   const error = await invalidAnswer(
     gateway(model.url).ask({ role: "text", prompt: "tags", schema: Tags, schemaName: "tags" }),
   );
   assert.match(error.message, /tags schema/);
   assert.match(error.message, /tags:/);
-  assert.match(error.answer, /dog, cat/);
+  assert.match(error.answer, /"tags": 7/);
 });
 
 Deno.test("ask throws InvalidAnswerError when there is no JSON at all", async () => {

@@ -27,6 +27,7 @@
 import { createHash } from "node:crypto";
 import { compile as compileHtmlToText } from "html-to-text";
 import { z } from "zod";
+import { whenMissing } from "../accept.ts";
 import { CoreApiError } from "../core_api.ts";
 import { JobFailedError } from "../errors.ts";
 import { describeInTimeZone, formatInTimeZone, resolveDateTime, userTimeZone } from "../time.ts";
@@ -48,10 +49,13 @@ export const emailPayloadSchema = z.object({
 /** The checked payload. */
 export type EmailPayload = z.infer<typeof emailPayloadSchema>;
 
-/** The model's answer. */
+/**
+ * The model's answer. An event without a description or a time is not refused with the whole
+ * answer: it is left out of the plan with its reason.
+ */
 export const emailAnswerSchema = z.object({
   events: z.array(z.object({
-    description: z.string(),
+    description: whenMissing(z.string(), ""),
     event_time: z.string().nullable(),
     confidence: z.number().min(0).max(1),
   })),

@@ -101,19 +101,8 @@ function isAbbreviation(word: string): boolean {
   return ABBREVIATIONS.has(bare) || /^(?:\p{L}\.)*\p{L}$/u.test(bare);
 }
 
-/** The question inside a JSON answer like `{"question": "..."}`, if the model sent one. */
-function questionFromJson(text: string): string | null {
-  if (!text.startsWith("{")) return null;
-  try {
-    const parsed = JSON.parse(text);
-    for (const key of ["question", "followup_question", "clarifying_question"]) {
-      if (typeof parsed?.[key] === "string") return parsed[key];
-    }
-  } catch {
-    // not JSON: plain text as asked
-  }
-  return null;
-}
+/** Where a model that answers `{"question": "..."}` instead of plain text puts the question. */
+const QUESTION_KEYS = ["question", "followup_question", "clarifying_question"] as const;
 
 /**
  * Cleans the model's plain-text answer down to one question.
@@ -131,8 +120,7 @@ function questionFromJson(text: string): string | null {
  * ```
  */
 export function cleanQuestion(raw: string): string {
-  let text = raw.replace(/```[a-zA-Z0-9_-]*/g, "\n").trim();
-  text = questionFromJson(text) ?? text;
+  const text = raw.replace(/```[a-zA-Z0-9_-]*/g, "\n").trim();
   const lines = text.split(/\r?\n/).map(cleanLine).filter((line) => line.length > 0);
   let question = lines.find((line) => line.includes("?")) ?? lines[0] ?? "";
   const mark = question.indexOf("?");
@@ -165,6 +153,7 @@ export const followupHandler: JobHandler<FollowupPayload> = {
       role: "text",
       system: FOLLOWUP_SYSTEM_PROMPT,
       prompt: followupPrompt(input.message, input.context),
+      textKeys: QUESTION_KEYS,
       signal: ctx.signal,
     });
     const question = cleanQuestion(answer);

@@ -11,6 +11,7 @@
  */
 import { isAbsolute, resolve, sep } from "node:path";
 import { z } from "zod";
+import { whenMissing } from "../accept.ts";
 import { CoreApiError, type Memory } from "../core_api.ts";
 import { InvalidAnswerError, JobFailedError } from "../errors.ts";
 import { describeError } from "../log.ts";
@@ -48,10 +49,11 @@ export type ImageTagPayload = z.infer<typeof imageTagPayloadSchema>;
 /**
  * The model's answer, as sent in `response_format` (root object, every property required).
  * The 3-to-7 rule is asked for in the prompt and enforced by {@linkcode normaliseTags}, not by
- * the schema, so that an answer with 8 tags is cut rather than thrown away.
+ * the schema, so that an answer with 8 tags is cut rather than thrown away. The tags are what
+ * the job needs: an answer without a description is used, with an empty one.
  */
 export const imageTagAnswerSchema = z.object({
-  description: z.string().trim().min(1),
+  description: whenMissing(z.string(), ""),
   tags: z.array(z.string()),
 });
 

@@ -83,7 +83,11 @@ export type IntentPayload = z.infer<typeof intentPayloadSchema>;
 
 const DATE_TIME_HINT = "an ISO-8601 date-time such as 2026-12-01T15:00:00";
 
-/** The model's answer: every field present, `null` where it does not apply to the intent. */
+/**
+ * The model's answer. It is asked for with every field present (`null` where it does not apply
+ * to the intent); an answer that leaves out the other intents' fields is used as it is, since
+ * every entity field takes null. What each intent needs is checked here.
+ */
 export const intentAnswerSchema = z.object({
   intent: z.enum(INTENTS),
   action: z.string().nullable(),

@@ -9,6 +9,7 @@
  * @module
  */
 import { z } from "zod";
+import { whenMissing } from "../accept.ts";
 import type { Task } from "../core_api.ts";
 import { JobFailedError } from "../errors.ts";
 import { truncate } from "../utils.ts";
@@ -33,16 +34,14 @@ export const taskMatchPayloadSchema = z.object({
 export type TaskMatchPayload = z.infer<typeof taskMatchPayloadSchema>;
 
 /**
- * The model's answer, as sent in `response_format` (root object, every property required). A
- * numeric id is read as a string: without a schema, some models drop the quotes of numeric ids.
+ * The model's answer, as sent in `response_format` (root object, every property required). The
+ * id and the confidence are what the job needs: an answer without a reason is used, with an
+ * empty one.
  */
 export const taskMatchAnswerSchema = z.object({
-  matched_task_id: z.preprocess(
-    (id) => typeof id === "number" ? String(id) : id,
-    z.string().nullable(),
-  ),
+  matched_task_id: z.string().nullable(),
   confidence: z.number().min(0).max(1),
-  reason: z.string(),
+  reason: whenMissing(z.string(), ""),
 });
 
 /** The model's answer after validation. */

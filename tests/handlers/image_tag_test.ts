@@ -466,7 +466,7 @@ Deno.test("image_tag: an answer with no usable tag is an invalid answer and post
 Deno.test("image_tag: an answer that breaks the schema is an invalid answer", async () => {
   await using fs = await tempStorage();
   await using core = startCoreEmulator();
-  await using model = startModelServer(() => '{"description": "", "tags": "beach"}');
+  await using model = startModelServer(() => '{"description": "A beach.", "labels": "beach"}');
   const memory = core.seedMemory({ owner_user_id: 1, media_type: "image" });
   await Deno.writeFile(join(fs.storage, "a"), PNG);
   const { ctx } = makeContext({

@@ -436,7 +436,8 @@ Deno.test("an answer that breaks the per-intent rules is an InvalidAnswerError",
     answer({ intent: "task", description: "  " }),
     answer({ intent: "search", query: null, keywords: [] }),
     answer({ intent: "ambiguous", followup_question: null }),
-    JSON.stringify({ intent: "general_note" }),
+    JSON.stringify({ action: "Call mum", resolved_time: "2026-07-02T09:00:00" }),
+    JSON.stringify({ intent: "note", suggested_tags: ["a"] }),
   ];
   let next = 0;
   await using model = startModelServer((_: ChatRequest) => replies[next++]);
