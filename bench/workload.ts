@@ -7,7 +7,7 @@
  */
 import type { Redis } from "ioredis";
 import type { CoreEmulator } from "../dev/core_emulator.ts";
-import type { JobType } from "../lib/handlers/types.ts";
+import type { JobType } from "../lib/job.ts";
 import { STREAM_OF } from "../lib/streams.ts";
 
 /** Shares of each job type in a mix (any positive numbers; they are normalised). */

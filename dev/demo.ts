@@ -13,7 +13,7 @@
  */
 import { join } from "node:path";
 import type { EmulatedJob } from "./core_emulator.ts";
-import type { JobType } from "../lib/handlers/types.ts";
+import type { JobType } from "../lib/job.ts";
 import { setupLogging, teardownLogging } from "../lib/log.ts";
 import { NOTIFY_STREAM, STREAM_OF } from "../lib/streams.ts";
 import { type LocalStack, SAMPLE_USER, SAMPLES_DIR, startLocalStack } from "./local_stack.ts";

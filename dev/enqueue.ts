@@ -21,7 +21,7 @@
 import { Redis } from "ioredis";
 import { readEnvironment, redactUrl } from "../lib/config.ts";
 import { HANDLERS } from "../lib/handlers/mod.ts";
-import type { JobType } from "../lib/handlers/types.ts";
+import type { JobType } from "../lib/job.ts";
 import { describeError } from "../lib/log.ts";
 import { NOTIFY_STREAM, STREAM_OF } from "../lib/streams.ts";
 import { SAMPLE_USER, SAMPLES_DIR } from "./local_stack.ts";

@@ -11,7 +11,7 @@
  * @module
  */
 import type { Redis } from "ioredis";
-import type { Effects, Job } from "./handlers/types.ts";
+import type { Effects, Job } from "./job.ts";
 import { GROUP, type Notification, notificationArgs, NOTIFY_STREAM } from "./streams.ts";
 
 /** Prefix of the ledger's keys. */

@@ -10,7 +10,7 @@
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Redis } from "ioredis";
 import type { ConsumerEvents, JobOutcome } from "./consumer.ts";
-import type { Job } from "./handlers/types.ts";
+import type { Job } from "./job.ts";
 import type { CompletionEvent } from "./llm.ts";
 import { REPAIRS } from "./accept.ts";
 import type { RepairEvent } from "./model.ts";

@@ -13,7 +13,7 @@ import { z } from "zod";
 import type { Logger } from "@logtape/logtape";
 import { acceptAnswer, type Repair } from "./accept.ts";
 import { InvalidAnswerError } from "./errors.ts";
-import type { Effects } from "./handlers/types.ts";
+import type { Effects } from "./job.ts";
 import { type ImageSource, type JsonSchemaFormat, type LLMClient, LLMError } from "./llm.ts";
 import { Semaphore } from "./semaphore.ts";
 import { readJson, sleep, stripThinking } from "./utils.ts";

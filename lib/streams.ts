@@ -5,7 +5,7 @@
  * @module
  */
 import type { Redis } from "ioredis";
-import type { Job, JobType, NotificationDraft } from "./handlers/types.ts";
+import type { Job, JobType, NotificationDraft } from "./job.ts";
 
 /** The consumer group every replica joins. */
 export const GROUP = "llm-worker-group";

@@ -19,7 +19,7 @@ import {
   trace,
   type Tracer,
 } from "@opentelemetry/api";
-import type { Job } from "./handlers/types.ts";
+import type { Job } from "./job.ts";
 
 /** The tracer of the worker (instrumentation scope `llm-worker`). */
 export const tracer: Tracer = trace.getTracer("llm-worker");

@@ -13,7 +13,7 @@ import {
   moveToDead,
   NOTIFY_STREAM,
 } from "../lib/streams.ts";
-import type { Job } from "../lib/handlers/types.ts";
+import type { Job } from "../lib/job.ts";
 import { startRedis } from "./helpers/redis.ts";
 
 async function withRedis(test: (redis: ReturnType<typeof createRedis>) => Promise<void>) {

@@ -14,7 +14,7 @@ import {
   type Tracer,
   type TracerProvider,
 } from "@opentelemetry/api";
-import type { Job } from "../lib/handlers/types.ts";
+import type { Job } from "../lib/job.ts";
 import { traceJob, tracingEnabled, withSpan } from "../lib/tracing.ts";
 
 /** A span as the recording provider below keeps it. */

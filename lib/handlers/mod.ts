@@ -8,7 +8,8 @@ import { followupHandler } from "./followup.ts";
 import { imageTagHandler } from "./image_tag.ts";
 import { intentClassifyHandler } from "./intent_classify.ts";
 import { taskMatchHandler } from "./task_match.ts";
-import type { JobHandler, JobType } from "./types.ts";
+import type { JobType } from "../job.ts";
+import type { JobHandler } from "./types.ts";
 
 /** The handler of each job type. */
 export const HANDLERS: Readonly<Record<JobType, JobHandler>> = {

@@ -7,7 +7,8 @@
  */
 import { loadSettings, type Settings } from "../../lib/config.ts";
 import { CoreApiClient } from "../../lib/core_api.ts";
-import type { Job, JobContext, JobType } from "../../lib/handlers/types.ts";
+import type { JobContext } from "../../lib/handlers/types.ts";
+import type { Job, JobType } from "../../lib/job.ts";
 import { LLMClient } from "../../lib/llm.ts";
 import { logger } from "../../lib/log.ts";
 import { ModelGateway } from "../../lib/model.ts";

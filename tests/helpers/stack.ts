@@ -7,7 +7,7 @@
 import type { Redis } from "ioredis";
 import { closeRedis, createRedis } from "../../lib/redis.ts";
 import { loadSettings, type Settings } from "../../lib/config.ts";
-import type { JobType } from "../../lib/handlers/types.ts";
+import type { JobType } from "../../lib/job.ts";
 import { NO_ENTITIES } from "../../lib/handlers/intent_classify.ts";
 import { DEAD_STREAM, NOTIFY_STREAM, STREAM_OF } from "../../lib/streams.ts";
 import { createWorker, type Worker, type WorkerOptions } from "../../lib/worker.ts";
