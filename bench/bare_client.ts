@@ -14,7 +14,7 @@
  */
 import { imageFileChunks } from "../lib/image_body.ts";
 import { LLMClient } from "../lib/llm.ts";
-import { clockMs } from "./fake_model.ts";
+import { clockMs } from "../testing/fake_model.ts";
 
 /** One request of the spec. */
 export interface BareRequest {

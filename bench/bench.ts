@@ -1,7 +1,7 @@
 /**
  * `deno task bench`: the worker under load, measured against the ideal and against a bare client.
  *
- * Starts a private Redis, a fake OpenAI-compatible model server (`bench/fake_model.ts`) with a
+ * Starts a private Redis, a fake OpenAI-compatible model server (`testing/fake_model.ts`) with a
  * fixed latency and the Core emulator (request log off), then runs the real worker as its own
  * process, exactly as `deno task start` does, and measures the five figures of issue 5. In the same
  * run a bare client (`bench/bare_client.ts`: the worker's model client alone, same concurrency, same
@@ -13,18 +13,24 @@
  */
 import { parseArgs } from "node:util";
 import { Redis } from "ioredis";
-import { startCoreEmulator } from "../dev/core_emulator.ts";
-import { startRedis } from "../tests/helpers/redis.ts";
+import { startCoreEmulator } from "../testing/core_emulator.ts";
+import { startRedis } from "../testing/redis_server.ts";
 import {
   processMemory,
   START_FLAGS,
   startWorkerProcess,
   type WorkerProcess,
-} from "../tests/helpers/worker_process.ts";
+} from "../testing/worker_process.ts";
 import { GROUP } from "../lib/streams.ts";
-import { describeSpeed, machineInfo, processCpuMs, round, startSpeedGauge } from "./machine.ts";
+import {
+  describeSpeed,
+  machineInfo,
+  processCpuMs,
+  round,
+  startSpeedGauge,
+} from "../testing/machine.ts";
 import type { BareRequest, BareSpec } from "./bare_client.ts";
-import { clockMs, type FakeChatRequest, startFakeModel, tokenOf } from "./fake_model.ts";
+import { clockMs, type FakeChatRequest, startFakeModel, tokenOf } from "../testing/fake_model.ts";
 import {
   makeWorkload,
   publish,
@@ -33,7 +39,7 @@ import {
   type WorkloadJob,
   writeImages,
   xaddArgs,
-} from "./workload.ts";
+} from "../testing/workload.ts";
 
 /** One row of the results. */
 export interface BenchRow {

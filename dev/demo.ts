@@ -12,7 +12,7 @@
  * @module
  */
 import { join } from "node:path";
-import type { EmulatedJob } from "./core_emulator.ts";
+import type { EmulatedJob } from "../testing/core_emulator.ts";
 import type { JobType } from "../lib/job.ts";
 import { setupLogging, teardownLogging } from "../lib/log.ts";
 import { NOTIFY_STREAM, STREAM_OF } from "../lib/streams.ts";

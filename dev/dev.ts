@@ -3,7 +3,7 @@
  *
  * - Redis: the one `REDIS_URL` points at when it answers, else a private `redis-server` child on
  *   a free port (removed again at the end).
- * - Core: the Core emulator (`dev/core_emulator.ts`), seeded with the sample user, memories and
+ * - Core: the Core emulator (`testing/core_emulator.ts`), seeded with the sample user, memories and
  *   tasks that `dev/samples/*.json` refer to. `GET <core>/_emulator/state` shows what was written.
  * - The model: whatever `LLM_BASE_URL` points at (Ollama, llama.cpp server, vLLM, OpenAI), or
  *   the scripted model with `LLM_BASE_URL=scripted`. When nothing answers, it says so and how to
@@ -78,7 +78,7 @@ export async function main(): Promise<number> {
       "    Jobs enqueued now wait until the model answers.",
     );
   } else if (scriptedWanted) {
-    lines.push("", "  (LLM_BASE_URL=scripted: answers come from dev/scripted_model.ts.)");
+    lines.push("", "  (LLM_BASE_URL=scripted: answers come from testing/scripted_model.ts.)");
   }
   lines.push(
     "",

@@ -11,9 +11,9 @@ import { loadSettings, redactUrl, type Settings } from "../lib/config.ts";
 import { LLMClient } from "../lib/llm.ts";
 import { describeError } from "../lib/log.ts";
 import { createWorker, type Worker } from "../lib/worker.ts";
-import { type CoreEmulator, startCoreEmulator } from "./core_emulator.ts";
-import { type PrivateRedis, startRedis } from "./redis_server.ts";
-import { type ScriptedModel, startScriptedModel } from "./scripted_model.ts";
+import { type CoreEmulator, startCoreEmulator } from "../testing/core_emulator.ts";
+import { type PrivateRedis, startRedis } from "../testing/redis_server.ts";
+import { type ScriptedModel, startScriptedModel } from "../testing/scripted_model.ts";
 
 /** The value of `LLM_BASE_URL` that asks the dev tooling for the scripted model. */
 export const SCRIPTED = "scripted";

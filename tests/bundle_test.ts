@@ -6,8 +6,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { freePort, startRedis } from "./helpers/redis.ts";
-import { START_FLAGS } from "./helpers/worker_process.ts";
+import { freePort, startRedis } from "../testing/redis_server.ts";
+import { START_FLAGS } from "../testing/worker_process.ts";
 
 const REPO_ROOT = fileURLToPath(new URL("../", import.meta.url));
 

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { CoreApiClient, CoreApiError } from "../lib/core_api.ts";
-import { startCoreEmulator } from "../dev/core_emulator.ts";
-import { freePort } from "./helpers/redis.ts";
+import { startCoreEmulator } from "../testing/core_emulator.ts";
+import { freePort } from "../testing/redis_server.ts";
 
 /** One request as a custom test server saw it. */
 interface Seen {

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { enqueue } from "../dev/enqueue.ts";
 import { JOB_STREAMS } from "../lib/streams.ts";
-import { freePort } from "./helpers/redis.ts";
+import { freePort } from "../testing/redis_server.ts";
 import { type Stack, startStack } from "./helpers/stack.ts";
 
 const REPO_ROOT = fileURLToPath(new URL("../", import.meta.url));

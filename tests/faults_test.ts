@@ -8,9 +8,9 @@
  * No timings are asserted; the waits only bound how long a broken worker can hang the suite.
  */
 import assert from "node:assert/strict";
-import { benchAnswer, type FakeChatRequest, tokenOf } from "../bench/fake_model.ts";
-import { random, type WorkloadJob } from "../bench/workload.ts";
-import type { WorkerProcess } from "./helpers/worker_process.ts";
+import { benchAnswer, type FakeChatRequest, tokenOf } from "../testing/fake_model.ts";
+import { random, type WorkloadJob } from "../testing/workload.ts";
+import type { WorkerProcess } from "../testing/worker_process.ts";
 import {
   type CaseFigures,
   type FaultStack,

@@ -14,7 +14,7 @@ import {
   NOTIFY_STREAM,
 } from "../lib/streams.ts";
 import type { Job } from "../lib/job.ts";
-import { startRedis } from "./helpers/redis.ts";
+import { startRedis } from "../testing/redis_server.ts";
 
 async function withRedis(test: (redis: ReturnType<typeof createRedis>) => Promise<void>) {
   await using server = await startRedis();

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { type CompletionEvent, LLMClient, LLMError, retryAfterMs } from "../lib/llm.ts";
 import { imageFileChunks } from "../lib/image_body.ts";
 import { type ChatRequest, startModelServer } from "./helpers/model_server.ts";
-import { freePort } from "./helpers/redis.ts";
+import { freePort } from "../testing/redis_server.ts";
 
 /** The smallest valid PNG header: signature plus the start of an IHDR chunk. */
 const PNG_BYTES = new Uint8Array([

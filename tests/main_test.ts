@@ -3,7 +3,7 @@
  */
 import assert from "node:assert/strict";
 import { defaultReply, startStack } from "./helpers/stack.ts";
-import { START_FLAGS } from "./helpers/worker_process.ts";
+import { START_FLAGS } from "../testing/worker_process.ts";
 
 /** Spawns `deno run main.ts` with `env` only (plus PATH and HOME), in a folder with no `.env`. */
 function spawnMain(env: Record<string, string>, cwd: string) {

@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { startStack } from "./helpers/stack.ts";
-import { START_FLAGS } from "./helpers/worker_process.ts";
+import { START_FLAGS } from "../testing/worker_process.ts";
 
 const REPO_ROOT = fileURLToPath(new URL("../", import.meta.url));
 

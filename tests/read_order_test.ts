@@ -3,7 +3,7 @@
  * streams of different densities, yet every user's jobs still reach the model in entry-id order.
  */
 import assert from "node:assert/strict";
-import { random } from "../bench/workload.ts";
+import { random } from "../testing/workload.ts";
 import { compareEntryIds, STREAM_OF } from "../lib/streams.ts";
 import { promptOf } from "./helpers/model_server.ts";
 import { defaultReply, startStack } from "./helpers/stack.ts";

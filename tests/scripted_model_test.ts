@@ -3,8 +3,8 @@
  * with structured output off (no schema name to go by, only the prompts).
  */
 import assert from "node:assert/strict";
-import { startCoreEmulator } from "../dev/core_emulator.ts";
-import { findTime, recogniseTask, startScriptedModel } from "../dev/scripted_model.ts";
+import { startCoreEmulator } from "../testing/core_emulator.ts";
+import { findTime, recogniseTask, startScriptedModel } from "../testing/scripted_model.ts";
 import { emailExtractHandler } from "../lib/handlers/email_extract.ts";
 import { followupHandler } from "../lib/handlers/followup.ts";
 import { intentClassifyHandler } from "../lib/handlers/intent_classify.ts";

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import type { Logger } from "@logtape/logtape";
-import { startCoreEmulator } from "../../dev/core_emulator.ts";
+import { startCoreEmulator } from "../../testing/core_emulator.ts";
 import { InvalidAnswerError } from "../../lib/errors.ts";
 import {
   dropQuotedHistory,

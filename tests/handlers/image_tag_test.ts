@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { join } from "node:path";
-import { startCoreEmulator } from "../../dev/core_emulator.ts";
+import { startCoreEmulator } from "../../testing/core_emulator.ts";
 import { InvalidAnswerError, JobFailedError } from "../../lib/errors.ts";
 import { CoreApiError } from "../../lib/core_api.ts";
 import {

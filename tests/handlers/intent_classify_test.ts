@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { startCoreEmulator } from "../../dev/core_emulator.ts";
+import { startCoreEmulator } from "../../testing/core_emulator.ts";
 import { InvalidAnswerError } from "../../lib/errors.ts";
 import {
   cleanKeywords,

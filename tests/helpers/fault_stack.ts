@@ -1,5 +1,5 @@
 /**
- * The stack of the fault-injection suite: a private Redis, the fake model (`bench/fake_model.ts`),
+ * The stack of the fault-injection suite: a private Redis, the fake model (`testing/fake_model.ts`),
  * the Core emulator with a fault hook, and real worker processes started as `deno task start`
  * starts one; plus the final audit: every job ended in Core, nothing pending, no effect or
  * notification twice.
@@ -10,10 +10,10 @@
  * @module
  */
 import type { Redis } from "ioredis";
-import { type CoreEmulator, startCoreEmulator } from "../../dev/core_emulator.ts";
+import { type CoreEmulator, startCoreEmulator } from "../../testing/core_emulator.ts";
 import { closeRedis, createRedis } from "../../lib/redis.ts";
 import { GROUP, JOB_STREAMS, NOTIFY_STREAM } from "../../lib/streams.ts";
-import { type FakeChatRequest, type FakeModel, startFakeModel } from "../../bench/fake_model.ts";
+import { type FakeChatRequest, type FakeModel, startFakeModel } from "../../testing/fake_model.ts";
 import {
   type JobMix,
   makeWorkload,
@@ -21,10 +21,10 @@ import {
   seedCore,
   type WorkloadJob,
   writeImages,
-} from "../../bench/workload.ts";
+} from "../../testing/workload.ts";
 import { pollUntil } from "./poll.ts";
-import { type PrivateRedis, startRedis } from "./redis.ts";
-import { startWorkerProcess, type WorkerProcess } from "./worker_process.ts";
+import { type PrivateRedis, startRedis } from "../../testing/redis_server.ts";
+import { startWorkerProcess, type WorkerProcess } from "../../testing/worker_process.ts";
 
 /** Options of {@linkcode startFaultStack}. */
 export interface FaultStackOptions {
@@ -32,7 +32,7 @@ export interface FaultStackOptions {
   appendOnly?: boolean;
   /** Model latency (ms), fixed or per request. */
   latencyMs?: number | ((request: FakeChatRequest) => number);
-  /** The model's answer (default: a valid one, `bench/fake_model.ts`). */
+  /** The model's answer (default: a valid one, `testing/fake_model.ts`). */
   answer?: (request: FakeChatRequest) => string;
   /** Settings for every worker (on top of the stack's). */
   env?: Record<string, string>;
@@ -390,7 +390,7 @@ function startCoreProxy(target: string, delayMs?: () => number): CoreProxy {
   return proxy;
 }
 
-/** Events the fake model finds in every email (`bench/fake_model.ts`). */
+/** Events the fake model finds in every email (`testing/fake_model.ts`). */
 const EMAIL_EVENTS = 2;
 
 /** The notification a completed job of each type sends (the bench's answers always match). */

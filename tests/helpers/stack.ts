@@ -11,7 +11,7 @@ import type { JobType } from "../../lib/job.ts";
 import { NO_ENTITIES } from "../../lib/handlers/intent_classify.ts";
 import { DEAD_STREAM, NOTIFY_STREAM, STREAM_OF } from "../../lib/streams.ts";
 import { createWorker, type Worker, type WorkerOptions } from "../../lib/worker.ts";
-import { type CoreEmulator, startCoreEmulator } from "../../dev/core_emulator.ts";
+import { type CoreEmulator, startCoreEmulator } from "../../testing/core_emulator.ts";
 import {
   type ChatRequest,
   type ModelReply,
@@ -19,7 +19,7 @@ import {
   startModelServer,
 } from "./model_server.ts";
 import { pollUntil } from "./poll.ts";
-import { type PrivateRedis, startRedis } from "./redis.ts";
+import { type PrivateRedis, startRedis } from "../../testing/redis_server.ts";
 
 /** A notification read back from `notify:telegram`. */
 export interface SentNotification {

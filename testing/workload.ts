@@ -6,7 +6,7 @@
  * @module
  */
 import type { Redis } from "ioredis";
-import type { CoreEmulator } from "../dev/core_emulator.ts";
+import type { CoreEmulator } from "./core_emulator.ts";
 import type { JobType } from "../lib/job.ts";
 import { STREAM_OF } from "../lib/streams.ts";
 

@@ -14,7 +14,7 @@
  *   also names a time.
  * - followup (plain text): one clarifying question about the message.
  *
- * Run it alone with `deno run --allow-net dev/scripted_model.ts [--port 8080] [--latency 200]`.
+ * Run it alone with `deno run --allow-net testing/scripted_model.ts [--port 8080] [--latency 200]`.
  *
  * @module
  */

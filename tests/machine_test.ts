@@ -1,4 +1,4 @@
-/** The benchmark's gauge of how fast the machine was during a run (`bench/machine.ts`). */
+/** The benchmark's gauge of how fast the machine was during a run (`testing/machine.ts`). */
 import assert from "node:assert/strict";
 import {
   cpuShares,
@@ -8,7 +8,7 @@ import {
   round,
   speedProbe,
   startSpeedGauge,
-} from "../bench/machine.ts";
+} from "../testing/machine.ts";
 
 Deno.test("round: one decimal unless told, as a number", () => {
   assert.equal(round(141.94), 141.9);

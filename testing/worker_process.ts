@@ -9,10 +9,10 @@
  * @module
  */
 import { fileURLToPath } from "node:url";
-import { readProc } from "../../bench/machine.ts";
+import { readProc } from "./machine.ts";
 
 /** The repository's root folder. */
-export const REPO_ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
+export const REPO_ROOT: string = fileURLToPath(new URL("../", import.meta.url));
 
 /**
  * The flags of the `start` task of deno.json (`deno run <flags> main.ts`): its permissions and
