@@ -9,7 +9,7 @@
  * @module
  */
 import assert from "node:assert/strict";
-import type { JobType } from "../lib/handlers/types.ts";
+import type { JobType } from "../lib/job.ts";
 import { type ChatRequest, promptOf } from "./helpers/model_server.ts";
 import { type SentNotification, type Stack, startStack } from "./helpers/stack.ts";
 import { fakePng } from "./helpers/images.ts";
