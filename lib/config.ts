@@ -167,8 +167,12 @@ function canonicalNames(env: Record<string, string>): Record<string, string> {
  *
  * @example
  * ```ts
- * const settings = loadSettings({ WORKER_CONCURRENCY: "8" });
- * settings.workerConcurrency; // 8
+ * import assert from "node:assert/strict";
+ *
+ * const settings = loadSettings({ worker_concurrency: "8", WORKER_CONSUMER_NAME: "w1" });
+ * assert.equal(settings.workerConcurrency, 8);
+ * assert.equal(settings.llmTextModel, "mistral"); // the default
+ * assert.throws(() => loadSettings({ WORKER_CONCURRENCY: "0" }), SettingsError);
  * ```
  */
 export function loadSettings(env: Record<string, string> = readEnvironment()): Settings {

@@ -112,7 +112,7 @@ interface Ending {
  * The LLM worker's consumer loop.
  *
  * @example
- * ```ts
+ * ```ts ignore
  * const consumer = new Consumer({ settings, redis, reader, ledger, core, model, health });
  * await consumer.start();
  * // ... on SIGTERM:
@@ -859,8 +859,10 @@ const USER_FAILURE_MESSAGES: Record<JobType, string> = {
  *
  * @example
  * ```ts
- * maxRunningJobs(4); // 6
- * maxRunningJobs(32); // 40
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(maxRunningJobs(4), 6);
+ * assert.equal(maxRunningJobs(32), 40);
  * ```
  */
 export function maxRunningJobs(concurrency: number): number {

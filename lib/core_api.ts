@@ -162,8 +162,21 @@ export interface CoreApiClientOptions {
  *
  * @example
  * ```ts
- * const core = new CoreApiClient({ baseUrl: "http://core:8000" });
+ * import assert from "node:assert/strict";
+ *
+ * const sent: Request[] = [];
+ * const core = new CoreApiClient({
+ *   baseUrl: "http://core:8000",
+ *   // Stands in for Core: records each request and answers 200.
+ *   fetch: (input, init) => {
+ *     sent.push(new Request(input, init));
+ *     return Promise.resolve(Response.json({ id: "job-1", status: "completed" }));
+ *   },
+ * });
  * await core.updateJob("job-1", { status: "completed", result: null });
+ * assert.equal(sent[0].method, "PATCH");
+ * assert.equal(sent[0].url, "http://core:8000/llm_jobs/job-1");
+ * assert.deepEqual(await sent[0].json(), { status: "completed", result: null });
  * ```
  */
 export class CoreApiClient {

@@ -41,11 +41,20 @@ export interface HttpServer {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const http = startHttpServer({
- *   port: 9464,
- *   readiness: () => ({ ready: true }),
- *   metrics: async () => ({ contentType: "text/plain", body: "" }),
+ *   port: 0, // a free port
+ *   hostname: "127.0.0.1",
+ *   readiness: () => ({ ready: false, reason: "starting" }),
+ *   metrics: () => Promise.resolve({ contentType: "text/plain", body: "" }),
  * });
+ * const health = await fetch(`${http.url}/healthz`);
+ * assert.equal(health.status, 200);
+ * await health.body?.cancel();
+ * const ready = await fetch(`${http.url}/readyz`);
+ * assert.equal(ready.status, 503);
+ * assert.match(await ready.text(), /starting/);
  * await http.close();
  * ```
  */

@@ -69,9 +69,14 @@ const PIECE_TEXT = (PIECE_BYTES / 3) * 4;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const init = { method: "POST", body: '{"url":"data:image/png;base64,IMG"}' };
  * const body = await imageRequestBody(init, "IMG", "iVBORw0KGgo=");
- * new TextDecoder().decode(body.body as Uint8Array); // '{"url":"data:image/png;base64,iVBORw0KGgo="}'
+ * assert.equal(
+ *   new TextDecoder().decode(body.body as Uint8Array),
+ *   '{"url":"data:image/png;base64,iVBORw0KGgo="}',
+ * );
  * ```
  *
  * @throws {Error} when the body is not a string holding the placeholder; what the image's
@@ -228,8 +233,15 @@ const READ_WHOLE_BYTES = 65_536;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const path = await Deno.makeTempFile();
+ * await Deno.writeFile(path, new Uint8Array([0xff, 0xd8, 0xff, 0xe0]));
  * const { size } = await Deno.stat(path);
  * const source = { mimeType: "image/jpeg", open: () => imageFileChunks(path, size) };
+ * const bytes = [...await source.open()].flatMap((chunk) => [...chunk]);
+ * assert.deepEqual(bytes, [0xff, 0xd8, 0xff, 0xe0]);
+ * await Deno.remove(path);
  * ```
  */
 export function imageFileChunks(

@@ -80,7 +80,7 @@ export interface JobRecord {
  * Reads and writes the job records.
  *
  * @example
- * ```ts
+ * ```ts ignore
  * const ledger = new JobLedger(redis);
  * const record = await ledger.load("job-1");
  * const effects = ledger.effects("job-1", record);
@@ -217,9 +217,11 @@ export class JobLedger {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const answers = new MemoryEffects();
- * await answers.once("answer:0", () => Promise.resolve("hi")); // runs
- * await answers.once("answer:0", () => Promise.resolve("ho")); // "hi"
+ * assert.equal(await answers.once("answer:0", () => Promise.resolve("hi")), "hi"); // runs
+ * assert.equal(await answers.once("answer:0", () => Promise.resolve("ho")), "hi"); // kept
  * ```
  */
 export class MemoryEffects implements Effects {

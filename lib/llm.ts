@@ -175,8 +175,21 @@ export interface LLMClientOptions {
  *
  * @example
  * ```ts
- * const llm = new LLMClient({ baseUrl: "http://localhost:11434/v1" });
- * const answer = await llm.complete("mistral", "Say hello");
+ * import assert from "node:assert/strict";
+ *
+ * const llm = new LLMClient({
+ *   baseUrl: "http://localhost:11434/v1",
+ *   // Stands in for the model server: every request gets the same answer.
+ *   fetch: () =>
+ *     Promise.resolve(Response.json({
+ *       id: "c1",
+ *       object: "chat.completion",
+ *       created: 0,
+ *       model: "mistral",
+ *       choices: [{ index: 0, message: { role: "assistant", content: "Hello!" } }],
+ *     })),
+ * });
+ * assert.equal(await llm.complete("mistral", "Say hello"), "Hello!");
  * ```
  */
 export class LLMClient {
@@ -240,10 +253,24 @@ export class LLMClient {
    *
    * @example
    * ```ts
-   * const answer = await llm.completeWithImageSource("llava", "Describe this photo", {
-   *   mimeType: "image/jpeg",
-   *   open: async () => (await Deno.open("/data/images/cat.jpg")).readable,
+   * import assert from "node:assert/strict";
+   *
+   * let sentBody = "";
+   * const llm = new LLMClient({
+   *   baseUrl: "http://localhost:11434/v1",
+   *   // Stands in for the model server: reads the request, answers with a description.
+   *   fetch: async (input, init) => {
+   *     sentBody = await new Request(input, init).text();
+   *     const message = { role: "assistant", content: "A cat on a sofa." };
+   *     return Response.json({ choices: [{ index: 0, finish_reason: "stop", message }] });
+   *   },
    * });
+   * const answer = await llm.completeWithImageSource("llava", "Describe this photo", {
+   *   mimeType: "image/png",
+   *   open: () => Promise.resolve([new Uint8Array([0x89, 0x50, 0x4e, 0x47])]),
+   * });
+   * assert.equal(answer, "A cat on a sofa.");
+   * assert.match(sentBody, /"data:image\/png;base64,iVBORw=="/);
    * ```
    */
   async completeWithImageSource(
@@ -497,7 +524,10 @@ export function toLLMError(error: unknown, baseUrl = "the model server"): LLMErr
  *
  * @example
  * ```ts
- * retryAfterMs(new Headers({ "retry-after": "7" })); // 7000
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(retryAfterMs(new Headers({ "retry-after": "7" })), 7000);
+ * assert.equal(retryAfterMs(new Headers()), undefined);
  * ```
  */
 export function retryAfterMs(headers: Headers | undefined, now = Date.now()): number | undefined {

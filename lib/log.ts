@@ -27,7 +27,8 @@ export const LOG_CATEGORY = "llm-worker";
  *
  * @example
  * ```ts
- * await setupLogging({ logLevel: "debug", logFormat: "json" });
+ * await setupLogging({ logLevel: "warning", logFormat: "json" });
+ * logger("consumer").warn("job {jobId} waits", { jobId: "job-1" }); // one JSON line
  * ```
  */
 export async function setupLogging(

@@ -46,9 +46,18 @@ const MODEL_BUCKETS = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120];
  *
  * @example
  * ```ts
- * const metrics = new WorkerMetrics(sources);
+ * import assert from "node:assert/strict";
+ *
+ * const metrics = new WorkerMetrics({
+ *   jobsInFlight: () => 2,
+ *   jobsHeld: () => 3,
+ *   modelRequestsInFlight: () => 1,
+ *   modelAvailable: () => true,
+ * });
  * metrics.onCompletion({ model: "mistral", durationMs: 812, outcome: "ok", jobType: "followup" });
  * const text = await metrics.metrics();
+ * assert.match(text, /llm_worker_jobs_in_flight 2/);
+ * assert.match(text, /llm_worker_model_request_duration_seconds_count\{.*model="mistral".*\} 1/);
  * ```
  */
 export class WorkerMetrics {

@@ -89,11 +89,31 @@ export interface RepairEvent {
  *
  * @example
  * ```ts
- * const gateway = new ModelGateway({ llm, models: { text: "mistral", vision: "llava" }, concurrency: 4 });
+ * import assert from "node:assert/strict";
+ * import { z } from "zod";
+ * import { LLMClient } from "./llm.ts";
+ *
+ * const llm = new LLMClient({
+ *   baseUrl: "http://localhost:11434/v1",
+ *   // Stands in for the model server: a chatty answer with the JSON inside.
+ *   fetch: () => {
+ *     const content = 'Here you go: {"tags": ["beach", "sea", "sun"]}';
+ *     const message = { role: "assistant", content };
+ *     return Promise.resolve(Response.json({ choices: [{ index: 0, message }] }));
+ *   },
+ * });
+ * const gateway = new ModelGateway({
+ *   llm,
+ *   models: { text: "mistral", vision: "llava" },
+ *   concurrency: 4,
+ * });
  * const { tags } = await gateway.ask({
- *   role: "text", prompt: "Three tags for a beach photo", schemaName: "tags",
+ *   role: "text",
+ *   prompt: "Three tags for a beach photo",
+ *   schemaName: "tags",
  *   schema: z.object({ tags: z.array(z.string()) }),
  * });
+ * assert.deepEqual(tags, ["beach", "sea", "sun"]);
  * ```
  */
 export class ModelGateway {
@@ -132,8 +152,23 @@ export class ModelGateway {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
+   * import { LLMClient } from "./llm.ts";
+   *
+   * const jobTypes: Array<string | undefined> = [];
+   * const llm = new LLMClient({
+   *   baseUrl: "http://localhost:11434/v1",
+   *   onCompletion: (event) => jobTypes.push(event.jobType),
+   *   fetch: () => {
+   *     const message = { role: "assistant", content: "When is it?" };
+   *     return Promise.resolve(Response.json({ choices: [{ index: 0, message }] }));
+   *   },
+   * });
+   * const models = { text: "mistral", vision: "llava" };
+   * const gateway = new ModelGateway({ llm, models, concurrency: 4 });
    * const model = gateway.forJob("followup");
-   * await model.askText({ role: "text", prompt: "..." }); // reported with jobType "followup"
+   * assert.equal(await model.askText({ role: "text", prompt: "dentist" }), "When is it?");
+   * assert.deepEqual(jobTypes, ["followup"]);
    * ```
    */
   forJob(jobType: string, answers?: Effects, log?: Logger): ModelGateway {
@@ -369,8 +404,12 @@ export interface ModelHealthOptions {
  *
  * @example
  * ```ts
- * const health = new ModelHealth({ probe: (signal) => llm.probe(signal) });
- * await health.untilAvailable(signal); // resolves at once while the server is up
+ * import assert from "node:assert/strict";
+ *
+ * const health = new ModelHealth({ probe: () => Promise.resolve() });
+ * await health.untilAvailable(); // resolves at once while the server is up
+ * assert.equal(health.available, true);
+ * await health.close();
  * ```
  */
 export class ModelHealth {

@@ -25,7 +25,7 @@ export interface RedisConnectionOptions {
  * while it does.
  *
  * @example
- * ```ts
+ * ```ts ignore
  * const redis = createRedis("redis://localhost:6379");
  * await redis.ping();
  * await closeRedis(redis);

@@ -24,10 +24,12 @@ export function exponentialBackoffSeconds(attempts: number, cap = 60): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const tracker = new RetryTracker(3);
- * tracker.recordAttempt("job-1"); // 1
- * tracker.shouldRetry("job-1"); // true
- * tracker.backoffSeconds("job-1"); // 1
+ * assert.equal(tracker.recordAttempt("job-1"), 1);
+ * assert.equal(tracker.shouldRetry("job-1"), true);
+ * assert.equal(tracker.backoffSeconds("job-1"), 1);
  * ```
  */
 export class RetryTracker {
@@ -87,9 +89,11 @@ export const JOB_EXPIRY_MS = 14 * 24 * 60 * 60 * 1000;
  *
  * @example
  * ```ts
- * unavailableDelayMs(3); // 4000
- * unavailableDelayMs(6); // 1800000
- * unavailableDelayMs(1, 10_000); // 10000
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(unavailableDelayMs(3), 4000);
+ * assert.equal(unavailableDelayMs(6), 1_800_000);
+ * assert.equal(unavailableDelayMs(1, 10_000), 10_000); // the server asked for 10 s
  * ```
  */
 export function unavailableDelayMs(attempt: number, retryAfterMs?: number): number {

@@ -42,9 +42,20 @@ export interface JobSchedulerOptions<T> {
  *
  * @example
  * ```ts
- * const scheduler = new JobScheduler({ maxRunning: 8, run: async (job) => { await work(job); } });
- * scheduler.add({ userId: 1, entryId: "1-0" });
- * await scheduler.drain(30_000);
+ * import assert from "node:assert/strict";
+ *
+ * const order: string[] = [];
+ * const scheduler = new JobScheduler<{ userId: number | null; entryId: string }>({
+ *   maxRunning: 8,
+ *   run: async (job) => {
+ *     await Promise.resolve(); // the job's work
+ *     order.push(job.entryId);
+ *   },
+ * });
+ * scheduler.add({ userId: 1, entryId: "2-0" });
+ * scheduler.add({ userId: 1, entryId: "3-0" }); // same user: waits for 2-0 to end
+ * assert.equal(await scheduler.drain(30_000), true);
+ * assert.deepEqual(order, ["2-0", "3-0"]);
  * ```
  */
 export class JobScheduler<T extends Schedulable> {

@@ -9,8 +9,17 @@
  *
  * @example
  * ```ts
- * const slots = new Semaphore(4);
- * const answer = await slots.run(() => fetch("http://localhost:8080/v1/models"));
+ * import assert from "node:assert/strict";
+ *
+ * const slots = new Semaphore(2);
+ * let most = 0;
+ * const task = () =>
+ *   slots.run(async () => {
+ *     most = Math.max(most, slots.held);
+ *     await new Promise((resolve) => setTimeout(resolve, 5));
+ *   });
+ * await Promise.all([task(), task(), task(), task()]);
+ * assert.equal(most, 2);
  * ```
  */
 export class Semaphore {

@@ -48,7 +48,13 @@ export type ParsedEntry =
  *
  * @example
  * ```ts
- * parseEntry("llm:followup", "1-0", ["data", '{"job_id":"j","job_type":"followup","payload":{"message":"hi"},"user_id":1}']);
+ * import assert from "node:assert/strict";
+ *
+ * const data = '{"job_id":"j","job_type":"followup","payload":{"message":"hi"},"user_id":1}';
+ * const parsed = parseEntry("llm:followup", "1-0", ["data", data]);
+ * assert.equal(parsed.ok && parsed.job.jobId, "j");
+ * const wrong = parseEntry("llm:intent", "1-0", ["data", data]);
+ * assert.equal(wrong.ok, false); // a followup job on the intent stream is malformed
  * ```
  */
 export function parseEntry(stream: string, entryId: string, fields: string[]): ParsedEntry {
@@ -107,7 +113,9 @@ export function fieldValue(fields: string[], name: string): string | undefined {
  *
  * @example
  * ```ts
- * compareEntryIds("9-5", "10-0") < 0; // true
+ * import assert from "node:assert/strict";
+ *
+ * assert.ok(compareEntryIds("9-5", "10-0") < 0); // by number, not as text
  * ```
  */
 export function compareEntryIds(a: string, b: string): number {

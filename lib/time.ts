@@ -58,8 +58,10 @@ function formatterFor(timeZone: string): Intl.DateTimeFormat {
  *
  * @example
  * ```ts
- * isValidTimeZone("Europe/Berlin"); // true
- * isValidTimeZone("Mars/Olympus"); // false
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(isValidTimeZone("Europe/Berlin"), true);
+ * assert.equal(isValidTimeZone("Mars/Olympus"), false);
  * ```
  */
 export function isValidTimeZone(name: unknown): name is string {
@@ -178,7 +180,9 @@ function wallAsUtcMs(wall: WallClock): number {
  *
  * @example
  * ```ts
- * offsetMs(new Date("2026-07-01T12:00:00Z"), "Europe/London"); // 3_600_000
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(offsetMs(new Date("2026-07-01T12:00:00Z"), "Europe/London"), 3_600_000);
  * ```
  */
 export function offsetMs(instant: Date, timeZone: string): number {
@@ -197,8 +201,11 @@ export function offsetMs(instant: Date, timeZone: string): number {
  *
  * @example
  * ```ts
- * wallClockToInstant({ year: 2026, month: 12, day: 1, hour: 15, minute: 0, second: 0, millisecond: 0 }, "Europe/Berlin")
- *   .toISOString(); // "2026-12-01T14:00:00.000Z"
+ * import assert from "node:assert/strict";
+ *
+ * const wall = { year: 2026, month: 12, day: 1, hour: 15, minute: 0, second: 0, millisecond: 0 };
+ * const instant = wallClockToInstant(wall, "Europe/Berlin");
+ * assert.equal(instant.toISOString(), "2026-12-01T14:00:00.000Z");
  * ```
  */
 export function wallClockToInstant(wall: WallClock, timeZone: string): Date {
@@ -240,7 +247,12 @@ function formatYear(year: number): string {
  *
  * @example
  * ```ts
- * formatInTimeZone(new Date("2026-12-01T14:00:00Z"), "Europe/Berlin"); // "2026-12-01T15:00:00+01:00"
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(
+ *   formatInTimeZone(new Date("2026-12-01T14:00:00Z"), "Europe/Berlin"),
+ *   "2026-12-01T15:00:00+01:00",
+ * );
  * ```
  */
 export function formatInTimeZone(instant: Date, timeZone: string): string {
@@ -294,8 +306,11 @@ const DATE_TIME =
  *
  * @example
  * ```ts
- * parseDateTime("2026-12-01T15:00:00")?.offsetMs; // null: read it in the user's timezone
- * parseDateTime("20990301"); // null
+ * import assert from "node:assert/strict";
+ *
+ * // No offset: read it in the user's timezone.
+ * assert.equal(parseDateTime("2026-12-01T15:00:00")?.offsetMs, null);
+ * assert.equal(parseDateTime("20990301"), null); // Core would read digits as Unix seconds
  * ```
  */
 export function parseDateTime(text: string): ParsedDateTime | null {
@@ -347,7 +362,12 @@ function daysInMonth(year: number, month: number): number {
  *
  * @example
  * ```ts
- * resolveDateTime("2026-12-01T15:00:00", "Europe/Berlin")?.toISOString(); // "2026-12-01T14:00:00.000Z"
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(
+ *   resolveDateTime("2026-12-01T15:00:00", "Europe/Berlin")?.toISOString(),
+ *   "2026-12-01T14:00:00.000Z",
+ * );
  * ```
  */
 export function resolveDateTime(text: string, timeZone: string): Date | null {
@@ -365,9 +385,12 @@ export function resolveDateTime(text: string, timeZone: string): Date | null {
  *
  * @example
  * ```ts
- * normalizeDateTime("2026-12-01T15:00:00", "Europe/Berlin"); // "2026-12-01T15:00:00+01:00"
- * normalizeDateTime("2026-12-01T14:00:00Z", "Europe/Berlin"); // "2026-12-01T15:00:00+01:00"
- * normalizeDateTime("April 2, 3 PM", "Europe/Berlin"); // null
+ * import assert from "node:assert/strict";
+ *
+ * const berlin = (text: string) => normalizeDateTime(text, "Europe/Berlin");
+ * assert.equal(berlin("2026-12-01T15:00:00"), "2026-12-01T15:00:00+01:00");
+ * assert.equal(berlin("2026-12-01T14:00:00Z"), "2026-12-01T15:00:00+01:00");
+ * assert.equal(berlin("April 2, 3 PM"), null);
  * ```
  */
 export function normalizeDateTime(text: string, timeZone: string): string | null {

@@ -36,7 +36,10 @@ const NON_RECORDING: Span = trace.wrapSpanContext(INVALID_SPAN_CONTEXT);
  *
  * @example
  * ```ts
- * if (tracingEnabled()) console.log("spans are exported");
+ * import assert from "node:assert/strict";
+ *
+ * // Without OTEL_DENO=true (and no provider registered), nothing traces.
+ * assert.equal(tracingEnabled(), Deno.env.get("OTEL_DENO") === "true");
  * ```
  */
 export function tracingEnabled(): boolean {
@@ -50,13 +53,16 @@ export function tracingEnabled(): boolean {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const n = await withSpan("count", {}, async (span) => {
  *   try {
- *     return 1;
+ *     return await Promise.resolve(1);
  *   } finally {
  *     span.end();
  *   }
  * });
+ * assert.equal(n, 1);
  * ```
  */
 export function withSpan<T>(
@@ -75,7 +81,18 @@ export function withSpan<T>(
  *
  * @example
  * ```ts
- * const result = await traceJob(job, async () => ({ outcome: "completed" as const }));
+ * import assert from "node:assert/strict";
+ *
+ * const job = {
+ *   jobId: "job-1",
+ *   jobType: "followup" as const,
+ *   payload: { message: "dentist" },
+ *   userId: 7,
+ *   stream: "llm:followup",
+ *   entryId: "1-0",
+ * };
+ * const result = await traceJob(job, () => Promise.resolve({ outcome: "completed" as const }));
+ * assert.equal(result.outcome, "completed");
  * ```
  */
 export function traceJob<T extends { outcome: string }>(

@@ -122,7 +122,9 @@ function balancedEnd(text: string, start: number): number {
  *
  * @example
  * ```ts
- * stripThinking("<think>hmm</think>{\"a\":1}"); // '{"a":1}'
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(stripThinking('<think>hmm</think>{"a":1}'), '{"a":1}');
  * ```
  */
 export function stripThinking(text: string): string {
@@ -141,7 +143,10 @@ export type ImageMimeType = "image/jpeg" | "image/png" | "image/webp" | "image/g
  *
  * @example
  * ```ts
- * sniffImageType(new Uint8Array([0xff, 0xd8, 0xff, 0xe0])); // "image/jpeg"
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(sniffImageType(new Uint8Array([0xff, 0xd8, 0xff, 0xe0])), "image/jpeg");
+ * assert.equal(sniffImageType(new TextEncoder().encode("hello")), null);
  * ```
  */
 export function sniffImageType(bytes: Uint8Array): ImageMimeType | null {
@@ -159,7 +164,12 @@ export function sniffImageType(bytes: Uint8Array): ImageMimeType | null {
  *
  * @example
  * ```ts
- * await sleep(100);
+ * import assert from "node:assert/strict";
+ *
+ * await sleep(10);
+ * const stop = new AbortController();
+ * stop.abort(new Error("stopping"));
+ * await assert.rejects(sleep(60_000, stop.signal), /stopping/);
  * ```
  */
 export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
@@ -182,7 +192,10 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
  *
  * @example
  * ```ts
- * truncate("abcdef", 4); // "abc…"
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(truncate("abcdef", 4), "abc…");
+ * assert.equal(truncate("abc", 4), "abc");
  * ```
  */
 export function truncate(text: string, max: number): string {
@@ -210,8 +223,16 @@ export interface ScopedSignal extends Disposable {
  *
  * @example
  * ```ts
- * using call = scopedSignal(jobSignal, 10_000);
- * const response = await fetch(url, { signal: call.signal });
+ * import assert from "node:assert/strict";
+ *
+ * const job = new AbortController(); // e.g. the worker's stop signal
+ * {
+ *   using call = scopedSignal(job.signal, 10_000); // the timer is cleared when `call` goes
+ *   assert.equal(call.signal.aborted, false);
+ *   job.abort();
+ *   assert.equal(call.signal.aborted, true);
+ *   assert.equal(call.timedOut, false);
+ * }
  * ```
  */
 export function scopedSignal(outer?: AbortSignal, timeoutMs?: number): ScopedSignal {

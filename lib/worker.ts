@@ -62,7 +62,7 @@ export interface Worker {
  * Builds a worker from settings. Nothing connects until {@linkcode Worker.start}.
  *
  * @example
- * ```ts
+ * ```ts ignore
  * const worker = createWorker(loadSettings());
  * await worker.start();
  * Deno.addSignalListener("SIGTERM", () => worker.close());

@@ -116,7 +116,10 @@ const QUESTION_KEYS = ["question", "followup_question", "clarifying_question"] a
  *
  * @example
  * ```ts
- * cleanQuestion('Question: "What time is the dentist?"'); // "What time is the dentist?"
+ * import assert from "node:assert/strict";
+ *
+ * const question = cleanQuestion('Question: "What time is the dentist?"');
+ * assert.equal(question, "What time is the dentist?");
  * ```
  */
 export function cleanQuestion(raw: string): string {

@@ -145,7 +145,11 @@ export type IntentAnswer = z.infer<typeof intentAnswerSchema>;
  *
  * @example
  * ```ts
- * JSON.stringify({ ...NO_ENTITIES, intent: "general_note", suggested_tags: ["cabin"] });
+ * import assert from "node:assert/strict";
+ *
+ * const answer = { ...NO_ENTITIES, intent: "general_note", suggested_tags: ["cabin"] };
+ * assert.equal(answer.resolved_time, null);
+ * assert.deepEqual(answer.suggested_tags, ["cabin"]);
  * ```
  */
 export const NO_ENTITIES: Readonly<Omit<IntentAnswer, "intent">> = {
