@@ -1,5 +1,5 @@
 /**
- * Settings: every environment variable of CONTRACT.md section 5, validated with zod.
+ * Settings: every environment variable of docs/protocol.md section 5, validated with zod.
  *
  * Names are case-insensitive. A `.env` file in the working directory is read when present, and a
  * real environment variable beats the file.

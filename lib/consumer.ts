@@ -1,6 +1,6 @@
 /**
  * The consumer: reads the five job streams with one blocking `XREADGROUP`, runs each job through
- * its handler, and ends it exactly as CONTRACT.md section 4 says (PATCH, notify, XACK), with
+ * its handler, and ends it exactly as docs/protocol.md section 4 says (PATCH, notify, XACK), with
  * retries, stalled-entry recovery and a graceful stop.
  *
  * @module
@@ -854,8 +854,8 @@ const USER_FAILURE_MESSAGES: Record<JobType, string> = {
 
 /**
  * How many jobs may run at once for `concurrency` model slots: the slots and a quarter more, at
- * least 2 more (CONTRACT.md section 5: `WORKER_CONCURRENCY` bounds the model's requests, not the
- * jobs).
+ * least 2 more (docs/protocol.md section 5: `WORKER_CONCURRENCY` bounds the model's requests,
+ * not the jobs).
  *
  * @example
  * ```ts

@@ -1,5 +1,5 @@
 /**
- * The client of Life Organiser's Core REST API: one method per call of CONTRACT.md section 3,
+ * The client of Life Organiser's Core REST API: one method per call of docs/protocol.md section 3,
  * over `fetch` with a per-request timeout.
  *
  * @module
@@ -151,7 +151,7 @@ export interface CoreApiClientOptions {
   /**
    * Waits before each quick retry of a call that met a passing failure (refused connection, 429,
    * 502, 503, 504): default 100 ms then 400 ms. `[]` turns quick retries off. A call that still
-   * fails throws, and the job waits on the retry schedule of CONTRACT.md section 4.
+   * fails throws, and the job waits on the retry schedule of docs/protocol.md section 4.
    */
   retryDelaysMs?: readonly number[];
 }

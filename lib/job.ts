@@ -6,7 +6,7 @@
  * @module
  */
 
-/** The five job types of CONTRACT.md section 1. */
+/** The five job types of docs/protocol.md section 1. */
 export type JobType = "image_tag" | "intent_classify" | "followup" | "task_match" | "email_extract";
 
 /** One job as read from its stream, after the envelope was checked. */
@@ -29,7 +29,7 @@ export interface Job {
 export interface NotificationDraft {
   /** e.g. `llm_intent_result`. */
   message_type: string;
-  /** Exactly the fields CONTRACT.md lists for that type. */
+  /** Exactly the fields docs/protocol.md lists for that type. */
   content: Record<string, unknown>;
 }
 

@@ -1,6 +1,6 @@
 /**
  * The worker's own record of each job, kept in Redis (a hash `llm-worker:job:<job_id>`), so that
- * no effect or notification happens twice and attempt counts survive a restart (CONTRACT.md
+ * no effect or notification happens twice and attempt counts survive a restart (docs/protocol.md
  * section 4: Core has no way to list effects per job).
  *
  * Fields: `invalid` and `unavailable` (attempt counts), `told` (the user heard the model is

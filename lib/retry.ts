@@ -1,7 +1,7 @@
 /**
  * Retry policy: how many attempts a job gets and how long it waits between them.
  *
- * Two schedules, from CONTRACT.md section 4:
+ * Two schedules, from docs/protocol.md section 4:
  * - an *invalid answer* from the model is asked again up to `LLM_MAX_RETRIES` attempts in all,
  *   waiting 1, 2, 4, 8, 16 s ({@linkcode RetryTracker});
  * - *unavailability* (model or Core down, overloaded, rate limiting) waits 1, 2, 4, 8, 16 s,

@@ -1,5 +1,5 @@
 /**
- * The Redis Streams side of the contract (CONTRACT.md section 1): stream and group names, the
+ * The Redis Streams side of the protocol (docs/protocol.md section 1): stream and group names, the
  * job envelope, dead letters and notifications.
  *
  * @module

@@ -1,8 +1,8 @@
 /**
- * Core emulator: an in-memory stand-in for Life Organiser's Core REST API (CONTRACT.md section 3)
- * with the same routes, status codes and validation (422 with a `detail` list), for local runs,
- * the demo, tests and benchmarks. It is NOT Core: it keeps everything in memory and forgets it
- * when it stops.
+ * Core emulator: an in-memory stand-in for Life Organiser's Core REST API (docs/protocol.md
+ * section 3) with the same routes, status codes and validation (422 with a `detail` list), for
+ * local runs, the demo, tests and benchmarks. It is NOT Core: it keeps everything in memory and
+ * forgets it when it stops.
  *
  * Every answer carries the header `x-core-emulator: true`. Emulator-only routes, which Core does
  * not have, live under `/_emulator/` and are not recorded in the request log:

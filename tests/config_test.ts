@@ -75,7 +75,7 @@ Deno.test("loadSettings gives every variable of the contract its default", () =>
   assert.equal(workerConsumerName, `${Deno.hostname()}-${Deno.pid}`);
 });
 
-Deno.test("SETTING_NAMES lists every variable of CONTRACT.md section 5", () => {
+Deno.test("SETTING_NAMES lists every variable of docs/protocol.md section 5", () => {
   assert.deepEqual([...SETTING_NAMES].sort(), [
     "CORE_API_URL",
     "IMAGE_STORAGE_PATH",

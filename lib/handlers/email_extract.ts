@@ -1,9 +1,9 @@
 /**
  * `email_extract`: reads an email, asks the model for the calendar events in it, and creates each
  * confident one in Core as a pending event (`POST /events`) with an `event_confirmation` for the
- * user (CONTRACT.md section 2).
+ * user (docs/protocol.md section 2).
  *
- * Decisions where the contract is silent:
+ * The worker's own choices, where the protocol leaves them open:
  * - The body is reduced before the model sees it: HTML becomes text (no images, no link URLs, no
  *   styles), quoted history of a reply is dropped (`>` lines, the `On … wrote:` line, and an
  *   unquoted earlier thread below `On … wrote:`, `-----Original Message-----` or an Outlook

@@ -1,6 +1,6 @@
 /**
  * `followup`: the text model writes one clarifying question about a message that was not clear
- * enough to act on; the user gets it as `llm_followup_result` (CONTRACT.md section 2).
+ * enough to act on; the user gets it as `llm_followup_result` (docs/protocol.md section 2).
  *
  * The answer is plain text, so it is cleaned: reasoning text, code fences, a "Question:" label,
  * a polite preamble and surrounding quotes are removed, and only the first question is kept.

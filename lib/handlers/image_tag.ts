@@ -1,6 +1,6 @@
 /**
  * `image_tag`: the vision model describes a photo in one sentence and suggests a few tags; the
- * tags the memory does not have yet are added to it as `suggested` (CONTRACT.md section 2).
+ * tags the memory does not have yet are added to it as `suggested` (docs/protocol.md section 2).
  *
  * Before anything is sent to the model, the image is checked: its path must resolve (symlinks
  * included) inside `IMAGE_STORAGE_PATH`, it must exist, be at most {@linkcode MAX_IMAGE_BYTES}

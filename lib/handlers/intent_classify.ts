@@ -1,9 +1,9 @@
 /**
  * `intent_classify`: sorts a user's message into reminder, task, search, general_note or
  * ambiguous, keeps it as a memory (all but search) or searches the user's memories (search), and
- * tells the user with `llm_intent_result` (CONTRACT.md section 2).
+ * tells the user with `llm_intent_result` (docs/protocol.md section 2).
  *
- * Decisions where the contract is silent:
+ * The worker's own choices, where the protocol leaves them open:
  * - The job's `result` is the notification's `content` (same object), so Core keeps what the
  *   user was told.
  * - Times: relative words resolve against `original_timestamp` (or the job's clock when it is

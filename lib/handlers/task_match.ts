@@ -1,7 +1,7 @@
 /**
  * `task_match`: does a new memory show that one of the owner's open tasks is done? The text model
  * compares the memory with the open tasks; a match is only *suggested* to the user
- * (`llm_task_match_result`), never applied: no task is ever changed (CONTRACT.md section 2).
+ * (`llm_task_match_result`), never applied: no task is ever changed (docs/protocol.md section 2).
  *
  * A match counts only when the model names one of the task ids it was offered and its confidence
  * is above {@linkcode MATCH_THRESHOLD}.
