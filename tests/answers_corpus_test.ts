@@ -133,7 +133,7 @@ const intentOf = (id: string, notifications: SentNotification[]) => {
 const INTENT_CASES: Case[] = [
   {
     id: "I1",
-    // The shape CONTRACT.md lists: only the chosen intent's fields.
+    // The shape docs/protocol.md lists: only the chosen intent's fields.
     answer: '{"intent": "search", "query": "butter cake recipe", "keywords": ["butter", "cake", ' +
       '"recipe"]}',
     check: ({ stack, notifications }) => {
