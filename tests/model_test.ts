@@ -2,7 +2,14 @@ import assert from "node:assert/strict";
 import { z } from "zod";
 import { InvalidAnswerError } from "../lib/errors.ts";
 import { LLMClient, LLMError } from "../lib/llm.ts";
-import { jsonSchemaOf, ModelGateway, type ModelGatewayOptions, ModelHealth } from "../lib/model.ts";
+import { configure, getLogger, type LogRecord, reset } from "@logtape/logtape";
+import {
+  jsonSchemaOf,
+  ModelGateway,
+  type ModelGatewayOptions,
+  ModelHealth,
+  type RepairEvent,
+} from "../lib/model.ts";
 import { type ChatRequest, startModelServer } from "./helpers/model_server.ts";
 
 const Tags = z.object({ tags: z.array(z.string()).min(1) });
@@ -422,5 +429,41 @@ Deno.test("ModelHealth keeps probing when a failure comes just as a probe loop e
     } finally {
       await health.close();
     }
+  }
+});
+
+Deno.test("a mended answer is told to onRepair and logged at debug on the job's logger", async () => {
+  const records: LogRecord[] = [];
+  await configure({
+    reset: true,
+    sinks: { buffer: (record) => records.push(record) },
+    loggers: [
+      { category: "job-test", lowestLevel: "debug", sinks: ["buffer"] },
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["buffer"] },
+    ],
+  });
+  try {
+    await using model = startModelServer(() => "Here: {tags: 'sea, sand',}");
+    const events: RepairEvent[] = [];
+    const view = gateway(model.url, { onRepair: (event) => events.push(event) })
+      .forJob("image_tag", undefined, getLogger(["job-test"]));
+    const result = await view.ask({ role: "text", prompt: "t", schema: Tags, schemaName: "tags" });
+    assert.deepEqual(result, { tags: ["sea", "sand"] });
+    assert.deepEqual(events, [{
+      jobType: "image_tag",
+      schemaName: "tags",
+      repairs: ["json_in_text", "json_syntax", "list_from_text"],
+    }]);
+    assert.equal(records.length, 1);
+    assert.equal(records[0].level, "debug");
+    assert.equal(records[0].properties.repairs, "json_in_text, json_syntax, list_from_text");
+
+    // A clean answer is neither told nor logged.
+    model.setReply(() => '{"tags": ["sea"]}');
+    await view.ask({ role: "text", prompt: "t", schema: Tags, schemaName: "tags" });
+    assert.equal(events.length, 1);
+    assert.equal(records.length, 1);
+  } finally {
+    await reset();
   }
 });
