@@ -207,9 +207,36 @@ export function deadLetterArgs(
 ): string[] {
   const kept: string[] = [];
   for (let i = 0; i + 1 < fields.length; i += 2) {
-    // The original fields follow ours; a field that clashes with ours is kept under `orig_<name>`.
-    const name = ["stream", "id", "reason"].includes(fields[i]) ? `orig_${fields[i]}` : fields[i];
+    // The original fields follow ours; one that clashes with ours, or starts with `orig_`, is
+    // kept under `orig_<name>`, so `originalFields` gives back exactly the original list.
+    const name = ["stream", "id", "reason"].includes(fields[i]) || fields[i].startsWith("orig_")
+      ? `orig_${fields[i]}`
+      : fields[i];
     kept.push(name, fields[i + 1]);
   }
   return [DEAD_STREAM, "*", "stream", stream, "id", entryId, "reason", reason, ...kept];
+}
+
+/**
+ * The fields an entry had before {@linkcode deadLetterArgs} copied it to `llm:dead`: the copy's
+ * fields without `stream`, `id` and `reason`, and with one `orig_` prefix taken off.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.deepEqual(
+ *   originalFields(["stream", "llm:intent", "id", "5-0", "reason", "r", "data", "x", "orig_id", "7"]),
+ *   ["data", "x", "id", "7"],
+ * );
+ * ```
+ */
+export function originalFields(deadFields: string[]): string[] {
+  const original: string[] = [];
+  for (let i = 0; i + 1 < deadFields.length; i += 2) {
+    const name = deadFields[i];
+    if (name === "stream" || name === "id" || name === "reason") continue;
+    original.push(name.startsWith("orig_") ? name.slice(5) : name, deadFields[i + 1]);
+  }
+  return original;
 }

@@ -3,6 +3,7 @@ import {
   compareEntryIds,
   deadLetterArgs,
   JOB_STREAMS,
+  originalFields,
   parseEntry,
   STREAM_OF,
 } from "../lib/streams.ts";
@@ -85,4 +86,10 @@ Deno.test("deadLetterArgs keeps the original fields after stream, id and reason"
     "orig_id",
     "clash",
   ]);
+});
+
+Deno.test("originalFields gives back exactly the fields deadLetterArgs copied", () => {
+  const fields = ["data", "x", "id", "clash", "orig_id", "twice", "reason", "r", "stream", "s"];
+  const [, , ...copy] = deadLetterArgs("llm:intent", "5-0", "bad", fields);
+  assert.deepEqual(originalFields(copy), fields);
 });
