@@ -4,7 +4,7 @@
 #   docker build --target test .              # runs the test suite as CI does (.ci/run)
 #
 # The build stage installs the locked dependencies and bundles the worker into one file
-# (`deno task bundle`); the runtime image holds only that file and runs it as the image's
+# (`deno task bundle`, with the dead-letter tool beside it); the runtime image holds only those files and runs it as the image's
 # non-root `deno` user, with the permissions of `deno task start`.
 
 FROM denoland/deno:2.9.6 AS build
@@ -23,6 +23,9 @@ RUN CI=true bash .ci/run
 FROM denoland/deno:2.9.6 AS runtime
 WORKDIR /app
 COPY --from=build --chown=deno:deno /app/dist/llm-worker.bundle.js ./llm-worker.js
+# The dead-letter tool (README "Dead letters"):
+#   docker compose exec llm-worker deno run --no-config --allow-net --allow-env --allow-read=.env dead.js list
+COPY --from=build --chown=deno:deno /app/dist/dead.bundle.js ./dead.js
 USER deno
 
 ENV IMAGE_STORAGE_PATH=/data/images \

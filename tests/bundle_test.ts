@@ -11,10 +11,12 @@ import { START_FLAGS } from "../testing/worker_process.ts";
 
 const REPO_ROOT = fileURLToPath(new URL("../", import.meta.url));
 
-/** The `bundle` task's command line, with the output in `out`. */
-function bundleArgs(out: string): string[] {
+/** The `bundle` task's command line for `entry`, with the output in `out`. */
+function bundleArgs(out: string, entry = "main.ts"): string[] {
   const tasks = JSON.parse(Deno.readTextFileSync(join(REPO_ROOT, "deno.json"))).tasks;
-  const args = (tasks.bundle as string).split(/\s+/).slice(1); // without "deno"
+  const commands = (tasks.bundle as string).split("&&").map((c) => c.trim().split(/\s+/));
+  const args = commands.find((words) => words.at(-1) === entry)?.slice(1); // without "deno"
+  assert.ok(args, `the bundle task bundles ${entry}`);
   args[args.indexOf("-o") + 1] = out;
   return args;
 }
@@ -101,6 +103,37 @@ Deno.test("the offline bundle starts, serves /healthz and /readyz, and stops on 
       /LLM worker bundle-test started: reading llm:image_tag, .* in group llm-worker-group, concurrency 4, .*the model server did not answer: .* Jobs wait until it does\); health and metrics on port \d+\./,
     );
     assert.match(logs, /Bye\./);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("the dead-letter tool's bundle runs on its own as the image ships it", async () => {
+  const dockerfile = Deno.readTextFileSync(join(REPO_ROOT, "Dockerfile"));
+  assert.match(dockerfile, /^COPY --from=build .*\/app\/dist\/dead\.bundle\.js \.\/dead\.js$/m);
+  const dir = await Deno.makeTempDir({ prefix: "llm-worker-dead-bundle-" });
+  await using redis = await startRedis();
+  try {
+    const bundle = join(dir, "dead.js");
+    const built = await new Deno.Command(Deno.execPath(), {
+      args: bundleArgs(bundle, "dead.ts"),
+      cwd: REPO_ROOT,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(built.code, 0, new TextDecoder().decode(built.stderr));
+    const command = dockerfile.match(/deno run (--no-config .*) dead\.js list/)?.[1];
+    assert.ok(command, "the Dockerfile shows how to run the tool");
+    const listed = await new Deno.Command(Deno.execPath(), {
+      args: ["run", ...command.split(" "), bundle, "list"],
+      cwd: dir, // no node_modules, no deno.json, no .env here
+      clearEnv: true,
+      env: { PATH: Deno.env.get("PATH") ?? "", HOME: dir, NO_COLOR: "1", REDIS_URL: redis.url },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(listed.code, 0, new TextDecoder().decode(listed.stderr));
+    assert.equal(new TextDecoder().decode(listed.stdout), "llm:dead is empty.\n");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
