@@ -15,7 +15,8 @@ import { join } from "node:path";
 import type { EmulatedJob } from "../testing/core_emulator.ts";
 import type { JobType } from "../lib/job.ts";
 import { setupLogging, teardownLogging } from "../lib/log.ts";
-import { NOTIFY_STREAM, STREAM_OF } from "../lib/streams.ts";
+import { DEAD_STREAM, NOTIFY_STREAM, STREAM_OF } from "../lib/streams.ts";
+import { dead } from "../dead.ts";
 import { type LocalStack, SAMPLE_USER, SAMPLES_DIR, startLocalStack } from "./local_stack.ts";
 
 /** One job of the demo and how it ended. */
@@ -50,6 +51,8 @@ export interface DemoReport {
   core: LocalStack["core"]["state"];
   /** The worker's `/metrics` text at the end. */
   metrics: string;
+  /** What `deno task dead list` printed for the malformed entry, and whether `drop` removed it. */
+  deadLetters: { listed: string; dropped: boolean };
   /** True when every job completed. */
   ok: boolean;
 }
@@ -224,12 +227,14 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
       ([, fields]) => JSON.parse(fields[1]) as DemoNotification,
     );
     for (const job of jobs) job.job = stack.core.state.jobs.get(job.jobId)!;
+    const deadLetters = await deadLetterScenario(stack, out, started + timeoutMs);
     const report: DemoReport = {
       jobs,
       notifications,
       core: stack.core.state,
       metrics: await stack.worker.metrics.metrics(),
-      ok: jobs.every((j) => j.job.status === "completed"),
+      deadLetters,
+      ok: jobs.every((j) => j.job.status === "completed") && deadLetters.dropped,
     };
     printReport(report, out);
     out("");
@@ -238,6 +243,41 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
   } finally {
     await Deno.remove(imageDir, { recursive: true }).catch(() => {});
   }
+}
+
+/**
+ * A producer bug: an envelope with no `job_id`. The worker keeps it in `llm:dead`; the demo then
+ * runs `deno task dead list`, `show` and `drop` on it.
+ */
+async function deadLetterScenario(
+  stack: LocalStack,
+  out: (line: string) => void,
+  deadline: number,
+): Promise<DemoReport["deadLetters"]> {
+  out("");
+  out("Dead letters: a producer publishes an envelope with no job_id to llm:intent…");
+  const envelope = { job_type: "intent_classify", payload: { message: "hello" }, user_id: 1 };
+  await stack.client.xadd(STREAM_OF.intent_classify, "*", "data", JSON.stringify(envelope));
+  while (await stack.client.xlen(DEAD_STREAM) === 0) {
+    if (Date.now() > deadline) throw new Error("The demo timed out waiting for the dead letter.");
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  const env = { REDIS_URL: stack.settings.redisUrl };
+  const run = async (args: string[]) => {
+    const lines: string[] = [];
+    out(`  $ deno task dead ${args.join(" ")}`);
+    const code = await dead(args, { env, out: (l) => lines.push(l), err: (l) => lines.push(l) });
+    for (const line of lines) out(`    ${line}`);
+    return { code, text: lines.join("\n") };
+  };
+  const listed = await run(["list"]);
+  const [id] = listed.text.split("\n")[1]?.split(" ") ?? [];
+  await run(["show", id]);
+  out(
+    "  (requeue would publish it unchanged to llm:intent; with no job_id it can never run: drop)",
+  );
+  const dropped = await run(["drop", id]);
+  return { listed: listed.text, dropped: dropped.code === 0 };
 }
 
 // ------------------------------------------------------------------ tables

@@ -101,6 +101,13 @@ Deno.test("the demo completes every sample job with the expected effects", async
   );
   assert.ok(report.notifications.every((n) => n.user_id === 1));
 
+  // The malformed entry went to llm:dead, was listed by `deno task dead list` and dropped.
+  assert.match(
+    report.deadLetters.listed,
+    /llm:intent\s+-\s+malformed job entry: the envelope has no `job_id`/,
+  );
+  assert.equal(report.deadLetters.dropped, true);
+
   // The printed report: progress, the three tables, the summary.
   const text = lines.join("\n");
   assert.match(text, /✓ \[11\/11\]/);
