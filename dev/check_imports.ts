@@ -64,6 +64,7 @@ export const HANDLER_RUNNERS: readonly string[] = ["lib/consumer.ts"];
 export const CHECKED: readonly string[] = [
   "main.ts",
   "dead.ts",
+  "prompts.ts",
   "lib",
   "testing",
   "tests",
@@ -82,7 +83,7 @@ export const RULES: readonly LayerRule[] = [
     }) import lib/handlers/; the job's own types are in lib/job.ts`,
   },
   {
-    from: ["main.ts", "dead.ts", "lib/"],
+    from: ["main.ts", "dead.ts", "prompts.ts", "lib/"],
     to: ["testing/", "tests/", "bench/", "dev/"],
     why: "the worker itself never imports test, bench or dev code",
   },

@@ -8,6 +8,8 @@
  */
 import { parse as parseDotenv } from "dotenv";
 import { z } from "zod";
+import type { JobType } from "./job.ts";
+import { PromptError, type PromptTemplate, readPromptsDir } from "./prompts.ts";
 
 /** The validated settings of one worker process. */
 export interface Settings {
@@ -25,6 +27,10 @@ export interface Settings {
   llmStructuredOutput: "auto" | "on" | "off";
   /** Cap on the characters of text sent to the model. */
   llmMaxInputChars: number;
+  /** The folder of prompt files, when one is set. */
+  llmPromptsDir?: string;
+  /** The prompts read from `llmPromptsDir` (checked), by job type; the others are built in. */
+  llmPrompts: Partial<Record<JobType, PromptTemplate>>;
   /** Redis URL (`redis://` or `rediss://`). */
   redisUrl: string;
   /** Core REST API base URL. */
@@ -97,6 +103,7 @@ const schema = z.object({
   LLM_MAX_RETRIES: integer(1, 100).default(5),
   LLM_STRUCTURED_OUTPUT: oneOf(["auto", "on", "off"]).default("auto"),
   LLM_MAX_INPUT_CHARS: integer(500).default(12000),
+  LLM_PROMPTS_DIR: nonEmpty.optional(),
   REDIS_URL: url(["redis:", "rediss:"]).default("redis://redis:6379"),
   CORE_API_URL: url(["http:", "https:"]).default("http://core:8000"),
   IMAGE_STORAGE_PATH: nonEmpty.default("/data/images"),
@@ -178,14 +185,22 @@ function canonicalNames(env: Record<string, string>): Record<string, string> {
 export function loadSettings(env: Record<string, string> = readEnvironment()): Settings {
   const raw = canonicalNames(env);
   const parsed = schema.safeParse(raw);
-  if (!parsed.success) {
-    const problems = parsed.error.issues.map((issue) => {
-      const name = String(issue.path[0]);
-      const shown = name === "LLM_API_KEY" ? "(hidden)" : JSON.stringify(raw[name] ?? "");
-      return `${name}=${shown} ${issue.message}`;
-    });
-    throw new SettingsError([...new Set(problems)]);
+  const problems = parsed.success ? [] : parsed.error.issues.map((issue) => {
+    const name = String(issue.path[0]);
+    const shown = name === "LLM_API_KEY" ? "(hidden)" : JSON.stringify(raw[name] ?? "");
+    return `${name}=${shown} ${issue.message}`;
+  });
+  let prompts: Partial<Record<JobType, PromptTemplate>> = {};
+  const promptsDir = raw.LLM_PROMPTS_DIR?.trim();
+  if (promptsDir) {
+    try {
+      prompts = readPromptsDir(promptsDir);
+    } catch (error) {
+      if (!(error instanceof PromptError)) throw error;
+      problems.push(...error.problems.map((problem) => `LLM_PROMPTS_DIR: ${problem}`));
+    }
   }
+  if (!parsed.success || problems.length > 0) throw new SettingsError([...new Set(problems)]);
   const v = parsed.data;
   return {
     llmBaseUrl: v.LLM_BASE_URL,
@@ -195,6 +210,8 @@ export function loadSettings(env: Record<string, string> = readEnvironment()): S
     llmMaxRetries: v.LLM_MAX_RETRIES,
     llmStructuredOutput: v.LLM_STRUCTURED_OUTPUT,
     llmMaxInputChars: v.LLM_MAX_INPUT_CHARS,
+    llmPromptsDir: v.LLM_PROMPTS_DIR,
+    llmPrompts: prompts,
     redisUrl: v.REDIS_URL,
     coreApiUrl: v.CORE_API_URL.replace(/\/+$/, ""),
     imageStoragePath: v.IMAGE_STORAGE_PATH,

@@ -47,6 +47,7 @@ Deno.test("main prints every cycle's chain and fails", async () => {
   const [dir, remove] = await writeTree({
     "main.ts": 'import "./lib/x.ts";\n',
     "dead.ts": "export {};\n",
+    "prompts.ts": "export {};\n",
     "lib/x.ts": 'import "./y.ts";\n',
     "lib/y.ts": 'import "./x.ts";\n',
     "testing/t.ts": "export {};\n",

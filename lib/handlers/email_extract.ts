@@ -31,6 +31,7 @@ import { whenMissing } from "../accept.ts";
 import { CoreApiError } from "../core_api.ts";
 import { JobFailedError } from "../errors.ts";
 import { describeInTimeZone, formatInTimeZone, resolveDateTime, userTimeZone } from "../time.ts";
+import { type PromptTemplate, renderPrompt } from "../prompts.ts";
 import { truncate } from "../utils.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
 
@@ -181,22 +182,31 @@ export function emailToText(
   return truncate(text, options.maxChars);
 }
 
-/** The user prompt: current time, timezone, subject and text. */
-export function buildEmailPrompt(options: {
+/** The built-in prompt (`LLM_PROMPTS_DIR/email_extract.txt` replaces it). */
+export const EMAIL_PROMPT: PromptTemplate = {
+  system: EMAIL_SYSTEM_PROMPT,
+  user: `Current time: {{current_time}}
+User's timezone: {{timezone}}
+
+Subject: """{{subject}}"""
+
+Email text:
+"""{{email}}"""`,
+};
+
+/** The placeholders' values: current time, timezone, subject and text. */
+export function emailValues(options: {
   subject: string;
   text: string;
   now: Date;
   timeZone: string;
-}): string {
-  return [
-    `Current time: ${describeInTimeZone(options.now, options.timeZone)}`,
-    `User's timezone: ${options.timeZone}`,
-    "",
-    `Subject: """${options.subject}"""`,
-    "",
-    "Email text:",
-    `"""${options.text}"""`,
-  ].join("\n");
+}): Record<string, string> {
+  return {
+    current_time: describeInTimeZone(options.now, options.timeZone),
+    timezone: options.timeZone,
+    subject: options.subject,
+    email: options.text,
+  };
 }
 
 /** One event to create, checked and normalised. */
@@ -242,10 +252,14 @@ async function planEvents(
     ctx.log.info("The email is empty; nothing to extract.");
     return { events: [], left_out: [] };
   }
+  const { system, prompt } = renderPrompt(
+    ctx.settings.llmPrompts.email_extract ?? EMAIL_PROMPT,
+    emailValues({ subject, text, now: ctx.now(), timeZone }),
+  );
   const answer = await ctx.model.ask({
     role: "text",
-    system: EMAIL_SYSTEM_PROMPT,
-    prompt: buildEmailPrompt({ subject, text, now: ctx.now(), timeZone }),
+    system,
+    prompt,
     schema: emailAnswerSchema,
     schemaName: "email_events",
     signal: ctx.signal,

@@ -34,6 +34,7 @@ import {
   resolveDateTime,
   userTimeZone,
 } from "../time.ts";
+import { type PromptTemplate, renderPrompt } from "../prompts.ts";
 import { truncate } from "../utils.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
 
@@ -182,20 +183,28 @@ Times: resolve relative words ("tomorrow", "in 2 hours", "next Friday", "tonight
 Answer with one JSON object and nothing else. Every key below must be present; use null for each field that does not belong to the chosen intent:
 {"intent": "reminder" | "task" | "search" | "general_note" | "ambiguous", "action": string | null, "time": string | null, "resolved_time": string | null, "description": string | null, "due_time": string | null, "resolved_due_time": string | null, "query": string | null, "keywords": [string] | null, "suggested_tags": [string] | null, "followup_question": string | null, "possible_intents": [string] | null}`;
 
-/** The user prompt: reference time, timezone, and the message (or the follow-up exchange). */
-export function buildIntentPrompt(options: {
+/** The built-in prompt (`LLM_PROMPTS_DIR/intent_classify.txt` replaces it). */
+export const INTENT_PROMPT: PromptTemplate = {
+  system: INTENT_SYSTEM_PROMPT,
+  user: `Reference time (when the user wrote the message): {{reference_time}}
+User's timezone: {{timezone}}
+
+{{message}}`,
+};
+
+/**
+ * The placeholders' values: reference time, timezone, and the message (or the follow-up
+ * exchange) between quotes.
+ */
+export function intentValues(options: {
   message: string;
   reference: Date;
   timeZone: string;
   maxChars: number;
   followup?: { followup_question: string; user_answer: string } | null;
-}): string {
+}): Record<string, string> {
   const { reference, timeZone, maxChars, followup } = options;
-  const lines = [
-    `Reference time (when the user wrote the message): ${describeInTimeZone(reference, timeZone)}`,
-    `User's timezone: ${timeZone}`,
-    "",
-  ];
+  const lines: string[] = [];
   if (followup) {
     // The question and answer are short; the original message gets what is left of the cap.
     const question = truncate(followup.followup_question.trim(), Math.floor(maxChars / 4));
@@ -216,7 +225,11 @@ export function buildIntentPrompt(options: {
   } else {
     lines.push("Message:", `"""${truncate(options.message.trim(), maxChars)}"""`);
   }
-  return lines.join("\n");
+  return {
+    reference_time: describeInTimeZone(reference, timeZone),
+    timezone: timeZone,
+    message: lines.join("\n"),
+  };
 }
 
 /** A search hit as the notification lists it. */
@@ -320,16 +333,20 @@ export const intentClassifyHandler: JobHandler<IntentPayload> = {
     const message = payload.message;
     const timeZone = await userTimeZone(ctx.core, userId, ctx.log, ctx.signal);
     const reference = referenceTime(ctx, payload.original_timestamp);
-    const answer = await ctx.model.ask({
-      role: "text",
-      system: INTENT_SYSTEM_PROMPT,
-      prompt: buildIntentPrompt({
+    const { system, prompt } = renderPrompt(
+      ctx.settings.llmPrompts.intent_classify ?? INTENT_PROMPT,
+      intentValues({
         message,
         reference,
         timeZone,
         maxChars: ctx.settings.llmMaxInputChars,
         followup: payload.followup_context,
       }),
+    );
+    const answer = await ctx.model.ask({
+      role: "text",
+      system,
+      prompt,
       schema: intentAnswerSchema,
       schemaName: "intent_result",
       signal: ctx.signal,

@@ -12,6 +12,7 @@ import { z } from "zod";
 import { whenMissing } from "../accept.ts";
 import type { Task } from "../core_api.ts";
 import { JobFailedError } from "../errors.ts";
+import { type PromptTemplate, type RenderedPrompt, renderPrompt } from "../prompts.ts";
 import { truncate } from "../utils.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
 
@@ -78,6 +79,20 @@ function taskLine(index: number, offered: OfferedTask): string {
   return `${index + 1}. [id: ${offered.id}] ${description}${due}`;
 }
 
+/** The built-in prompt (`LLM_PROMPTS_DIR/task_match.txt` replaces it). */
+export const TASK_MATCH_PROMPT: PromptTemplate = {
+  system: TASK_MATCH_SYSTEM_PROMPT,
+  user: `The user's new memory:
+<<<
+{{memory}}
+>>>
+
+Open tasks:
+{{tasks}}
+
+Which task, if any, does this memory complete or directly act on?`,
+};
+
 /**
  * The open tasks to offer and the prompt, within `maxChars`: the memory takes at most
  * {@linkcode MEMORY_SHARE} of it, then tasks are added in Core's order while they fit (at least
@@ -87,11 +102,10 @@ export function buildTaskMatchPrompt(
   memoryContent: string,
   tasks: readonly Task[],
   maxChars: number,
-): { prompt: string; offered: OfferedTask[] } {
+  template: PromptTemplate = TASK_MATCH_PROMPT,
+): RenderedPrompt & { offered: OfferedTask[] } {
   const memory = truncate(memoryContent.trim(), Math.floor(maxChars * MEMORY_SHARE));
-  const head = ["The user's new memory:", "<<<", memory, ">>>", "", "Open tasks:"].join("\n");
-  const tail = "\n\nWhich task, if any, does this memory complete or directly act on?";
-  let used = head.length + tail.length;
+  let used = template.user.length + memory.length;
   const offered: OfferedTask[] = [];
   const lines: string[] = [];
   const seen = new Set<string>();
@@ -107,7 +121,7 @@ export function buildTaskMatchPrompt(
     offered.push(candidate);
     lines.push(line);
   }
-  return { prompt: `${head}\n${lines.join("\n")}${tail}`, offered };
+  return { ...renderPrompt(template, { memory, tasks: lines.join("\n") }), offered };
 }
 
 /** Open tasks only: Core is asked for `NOT_DONE`, and anything else it sends is left out. */
@@ -142,10 +156,11 @@ export const taskMatchHandler: JobHandler<TaskMatchPayload> = {
     if (tasks.length === 0) return noMatch("The user has no open tasks.");
     if (!payload.memory_content.trim()) return noMatch("The memory has no text to match.");
 
-    const { prompt, offered } = buildTaskMatchPrompt(
+    const { system, prompt, offered } = buildTaskMatchPrompt(
       payload.memory_content,
       tasks,
       ctx.settings.llmMaxInputChars,
+      ctx.settings.llmPrompts.task_match,
     );
     if (offered.length === 0) return noMatch("No open task has an id.");
     if (offered.length < tasks.length) {
@@ -157,7 +172,7 @@ export const taskMatchHandler: JobHandler<TaskMatchPayload> = {
 
     const answer = await ctx.model.ask({
       role: "text",
-      system: TASK_MATCH_SYSTEM_PROMPT,
+      system,
       prompt,
       schema: taskMatchAnswerSchema,
       schemaName: "task_match",
