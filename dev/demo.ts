@@ -17,6 +17,8 @@ import type { JobType } from "../lib/job.ts";
 import { setupLogging, teardownLogging } from "../lib/log.ts";
 import { DEAD_STREAM, NOTIFY_STREAM, STREAM_OF } from "../lib/streams.ts";
 import { dead } from "../dead.ts";
+import { writePrompts } from "../prompts.ts";
+import { loadSettings, SettingsError } from "../lib/config.ts";
 import { type LocalStack, SAMPLE_USER, SAMPLES_DIR, startLocalStack } from "./local_stack.ts";
 
 /** One job of the demo and how it ended. */
@@ -151,9 +153,17 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
     const imagePath = join(imageDir, crypto.randomUUID());
     await Deno.copyFile(join(SAMPLES_DIR, "sunset.png"), imagePath);
 
+    const promptsDir = join(imageDir, "prompts");
+    await promptsScenario(promptsDir, out);
+
     out("Starting a private redis-server, the Core emulator, the scripted model and a worker…");
     await using stack = await startLocalStack({
-      env: { WORKER_HTTP_PORT: "0", WORKER_CONSUMER_NAME: "demo-worker", WORKER_CONCURRENCY: "4" },
+      env: {
+        WORKER_HTTP_PORT: "0",
+        WORKER_CONSUMER_NAME: "demo-worker",
+        WORKER_CONCURRENCY: "4",
+        LLM_PROMPTS_DIR: promptsDir,
+      },
       redis: "private",
       scripted: true,
       scriptedLatencyMs: options.latencyMs ?? 150,
@@ -243,6 +253,38 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
   } finally {
     await Deno.remove(imageDir, { recursive: true }).catch(() => {});
   }
+}
+
+/**
+ * Editable prompts: `deno task prompts` writes the built-ins, the followup prompt is edited and
+ * the others removed (they stay built in); a copy with a mistake shows the check that stops a
+ * start. The demo's worker then runs with `LLM_PROMPTS_DIR` set to the folder.
+ */
+async function promptsScenario(dir: string, out: (line: string) => void): Promise<void> {
+  out(`Prompts: deno task prompts ${dir}`);
+  await writePrompts([dir], { out: (line) => out(`  ${line}`), err: (line) => out(`  ${line}`) });
+  const file = join(dir, "followup.txt");
+  const builtIn = await Deno.readTextFile(file);
+  const edited = builtIn.replace(
+    "friendly and brief (at most 25 words)",
+    "warm and very brief (at most 15 words)",
+  );
+  await Deno.writeTextFile(file, edited);
+  for await (const entry of Deno.readDir(dir)) {
+    if (entry.name !== "followup.txt") await Deno.remove(join(dir, entry.name));
+  }
+  out("  followup.txt edited (a warmer, shorter question); the other four removed (built in).");
+  await Deno.writeTextFile(file, edited.replace("<<<\n{{message}}", "<<<\n{{mesage}}"));
+  try {
+    loadSettings({ LLM_PROMPTS_DIR: dir });
+  } catch (error) {
+    if (!(error instanceof SettingsError)) throw error;
+    out("  With a typo in a placeholder, the start stops with exit 2:");
+    for (const problem of error.problems) out(`    ${problem}`);
+  }
+  await Deno.writeTextFile(file, edited);
+  out(`  Typo fixed; the worker runs with LLM_PROMPTS_DIR=${dir}.`);
+  out("");
 }
 
 /**

@@ -101,6 +101,10 @@ Deno.test("the demo completes every sample job with the expected effects", async
   );
   assert.ok(report.notifications.every((n) => n.user_id === 1));
 
+  // The demo's worker ran with an edited followup prompt; a typo in it was refused first.
+  assert.match(lines.join("\n"), /followup\.txt: unknown placeholder \{\{mesage\}\}/);
+  assert.match(lines.join("\n"), /the worker runs with LLM_PROMPTS_DIR=/);
+
   // The malformed entry went to llm:dead, was listed by `deno task dead list` and dropped.
   assert.match(
     report.deadLetters.listed,
