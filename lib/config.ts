@@ -9,6 +9,7 @@
 import { parse as parseDotenv } from "dotenv";
 import { z } from "zod";
 import type { JobType } from "./job.ts";
+import { readLanguage } from "./language.ts";
 import { PromptError, type PromptTemplate, readPromptsDir } from "./prompts.ts";
 
 /** The validated settings of one worker process. */
@@ -31,6 +32,8 @@ export interface Settings {
   llmPromptsDir?: string;
   /** The prompts read from `llmPromptsDir` (checked), by job type; the others are built in. */
   llmPrompts: Partial<Record<JobType, PromptTemplate>>;
+  /** Language code for jobs with no user (and users whose settings name none). */
+  llmDefaultLanguage: string;
   /** Redis URL (`redis://` or `rediss://`). */
   redisUrl: string;
   /** Core REST API base URL. */
@@ -104,6 +107,9 @@ const schema = z.object({
   LLM_STRUCTURED_OUTPUT: oneOf(["auto", "on", "off"]).default("auto"),
   LLM_MAX_INPUT_CHARS: integer(500).default(12000),
   LLM_PROMPTS_DIR: nonEmpty.optional(),
+  LLM_DEFAULT_LANGUAGE: z.string().trim().refine((code) => readLanguage(code) !== undefined, {
+    message: "expects an ISO 639-1 language code such as en, fr or de",
+  }).transform((code) => readLanguage(code)!.code).default("en"),
   REDIS_URL: url(["redis:", "rediss:"]).default("redis://redis:6379"),
   CORE_API_URL: url(["http:", "https:"]).default("http://core:8000"),
   IMAGE_STORAGE_PATH: nonEmpty.default("/data/images"),
@@ -212,6 +218,7 @@ export function loadSettings(env: Record<string, string> = readEnvironment()): S
     llmMaxInputChars: v.LLM_MAX_INPUT_CHARS,
     llmPromptsDir: v.LLM_PROMPTS_DIR,
     llmPrompts: prompts,
+    llmDefaultLanguage: v.LLM_DEFAULT_LANGUAGE,
     redisUrl: v.REDIS_URL,
     coreApiUrl: v.CORE_API_URL.replace(/\/+$/, ""),
     imageStoragePath: v.IMAGE_STORAGE_PATH,

@@ -100,8 +100,13 @@ export interface CoreEvent {
 export interface UserSettings {
   /** IANA timezone, `UTC` when the user has none. */
   timezone: string;
+  /** ISO 639-1 language code, `en` when the user has none. */
+  language?: string;
   [field: string]: unknown;
 }
+
+/** How long {@linkcode CoreApiClient.getSettings} reuses a user's settings by default (ms). */
+export const SETTINGS_CACHE_MS = 60_000;
 
 /** A failed Core call: which call, what Core said, and whether it is worth trying again. */
 export class CoreApiError extends Error {
@@ -154,7 +159,17 @@ export interface CoreApiClientOptions {
    * fails throws, and the job waits on the retry schedule of docs/protocol.md section 4.
    */
   retryDelaysMs?: readonly number[];
+  /**
+   * How long a user's settings are reused before Core is asked again (ms, default
+   * {@linkcode SETTINGS_CACHE_MS}); `0` asks every time.
+   */
+  settingsCacheMs?: number;
+  /** The clock of the settings cache, in ms (default `Date.now`). */
+  now?: () => number;
 }
+
+/** Most users whose settings are kept at once; the oldest are dropped first. */
+const SETTINGS_CACHE_SIZE = 10_000;
 
 /**
  * Calls Core's REST API. Every method throws {@linkcode CoreApiError} when Core does not answer
@@ -184,6 +199,9 @@ export class CoreApiClient {
   readonly #timeoutMs: number;
   readonly #fetch: typeof fetch;
   readonly #retryDelaysMs: readonly number[];
+  readonly #settingsCacheMs: number;
+  readonly #now: () => number;
+  readonly #settings = new Map<number, { at: number; settings: UserSettings }>();
 
   /** Creates a client; nothing is sent until the first call. */
   constructor(options: CoreApiClientOptions) {
@@ -191,6 +209,8 @@ export class CoreApiClient {
     this.#timeoutMs = options.timeoutMs ?? 10_000;
     this.#fetch = options.fetch ?? fetch;
     this.#retryDelaysMs = options.retryDelaysMs ?? [100, 400];
+    this.#settingsCacheMs = options.settingsCacheMs ?? SETTINGS_CACHE_MS;
+    this.#now = options.now ?? Date.now;
   }
 
   /** `GET /llm_jobs/{id}`. */
@@ -241,9 +261,26 @@ export class CoreApiClient {
     return this.#call("GET", `/search?${query}`, { signal });
   }
 
-  /** `GET /settings/{user_id}`: the user's timezone and language. */
-  getSettings(userId: number, signal?: AbortSignal): Promise<UserSettings> {
-    return this.#call("GET", `/settings/${enc(String(userId))}`, { signal });
+  /**
+   * `GET /settings/{user_id}`: the user's timezone and language. An answer is reused for
+   * `settingsCacheMs` (a minute by default), so a user's change reaches the worker within that
+   * time and a job that runs again does not ask again.
+   */
+  async getSettings(userId: number, signal?: AbortSignal): Promise<UserSettings> {
+    const now = this.#now();
+    const kept = this.#settings.get(userId);
+    if (kept && now - kept.at < this.#settingsCacheMs) return kept.settings;
+    const settings: UserSettings = await this.#call("GET", `/settings/${enc(String(userId))}`, {
+      signal,
+    });
+    if (this.#settingsCacheMs > 0) {
+      this.#settings.delete(userId);
+      if (this.#settings.size >= SETTINGS_CACHE_SIZE) {
+        this.#settings.delete(this.#settings.keys().next().value!);
+      }
+      this.#settings.set(userId, { at: now, settings });
+    }
+    return settings;
   }
 
   /**
