@@ -42,6 +42,10 @@ export const PROMPT_PLACEHOLDERS: Readonly<Record<JobType, Readonly<Record<strin
         description: "the owner's caption, introduced as a hint and fenced by <<< >>>; " +
           "empty when the photo has none",
       },
+      language: {
+        required: false,
+        description: 'the name of the language the user reads ("French")',
+      },
     },
     intent_classify: {
       reference_time: {
@@ -55,6 +59,10 @@ export const PROMPT_PLACEHOLDERS: Readonly<Record<JobType, Readonly<Record<strin
         description: 'the message between """ quotes; after a follow-up question, the whole ' +
           "exchange (original message, question asked, the user's answer)",
       },
+      language: {
+        required: false,
+        description: 'the name of the language the user reads ("French")',
+      },
     },
     followup: {
       message: { required: true, description: "the user's message" },
@@ -62,6 +70,10 @@ export const PROMPT_PLACEHOLDERS: Readonly<Record<JobType, Readonly<Record<strin
         required: false,
         description: "the payload's context, introduced and fenced by <<< >>>; empty when there " +
           "is none or no room",
+      },
+      language: {
+        required: false,
+        description: 'the name of the language the user reads ("French")',
       },
     },
     task_match: {
@@ -79,6 +91,10 @@ export const PROMPT_PLACEHOLDERS: Readonly<Record<JobType, Readonly<Record<strin
       timezone: { required: true, description: "the user's IANA timezone" },
       subject: { required: true, description: "the email's subject" },
       email: { required: true, description: "the email's text (HTML and quoted history removed)" },
+      language: {
+        required: false,
+        description: 'the name of the language the user reads ("French")',
+      },
     },
   };
 

@@ -30,7 +30,8 @@ import { z } from "zod";
 import { whenMissing } from "../accept.ts";
 import { CoreApiError } from "../core_api.ts";
 import { JobFailedError } from "../errors.ts";
-import { describeInTimeZone, formatInTimeZone, resolveDateTime, userTimeZone } from "../time.ts";
+import { describeInTimeZone, formatInTimeZone, resolveDateTime } from "../time.ts";
+import { readUserContext } from "../language.ts";
 import { type PromptTemplate, renderPrompt } from "../prompts.ts";
 import { truncate } from "../utils.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
@@ -187,6 +188,7 @@ export const EMAIL_PROMPT: PromptTemplate = {
   system: EMAIL_SYSTEM_PROMPT,
   user: `Current time: {{current_time}}
 User's timezone: {{timezone}}
+Write each description in {{language}}.
 
 Subject: """{{subject}}"""
 
@@ -200,8 +202,10 @@ export function emailValues(options: {
   text: string;
   now: Date;
   timeZone: string;
+  language?: string;
 }): Record<string, string> {
   return {
+    language: options.language ?? "English",
     current_time: describeInTimeZone(options.now, options.timeZone),
     timezone: options.timeZone,
     subject: options.subject,
@@ -241,7 +245,13 @@ async function planEvents(
   userId: number,
   payload: EmailPayload,
 ): Promise<EventPlan> {
-  const timeZone = await userTimeZone(ctx.core, userId, ctx.log, ctx.signal);
+  const { timeZone, language } = await readUserContext(
+    ctx.core,
+    userId,
+    ctx.settings.llmDefaultLanguage,
+    ctx.log,
+    ctx.signal,
+  );
   const maxChars = ctx.settings.llmMaxInputChars;
   const subject = truncate(payload.subject.replace(/\s+/g, " ").trim(), Math.min(1000, maxChars));
   const text = emailToText(payload.body, {
@@ -254,7 +264,7 @@ async function planEvents(
   }
   const { system, prompt } = renderPrompt(
     ctx.settings.llmPrompts.email_extract ?? EMAIL_PROMPT,
-    emailValues({ subject, text, now: ctx.now(), timeZone }),
+    emailValues({ subject, text, now: ctx.now(), timeZone, language: language.name }),
   );
   const answer = await ctx.model.ask({
     role: "text",

@@ -15,6 +15,7 @@ import { whenMissing } from "../accept.ts";
 import { CoreApiError, type Memory } from "../core_api.ts";
 import { InvalidAnswerError, JobFailedError } from "../errors.ts";
 import { describeError } from "../log.ts";
+import { readUserContext } from "../language.ts";
 import { type PromptTemplate, renderPrompt } from "../prompts.ts";
 import { type ImageMimeType, sniffImageType, truncate } from "../utils.ts";
 import { imageFileChunks } from "../image_body.ts";
@@ -78,13 +79,21 @@ export const IMAGE_TAG_PROMPT: PromptTemplate = {
   system: IMAGE_TAG_SYSTEM_PROMPT,
   user: `Describe and tag this photo.
 {{caption}}
+Write the description and the tags in {{language}}.
 Answer with the JSON object {"description": ..., "tags": [...]} only.`,
 };
 
-/** The placeholders' values for one photo; `caption` is the memory's text, when it has one. */
-export function imageTagValues(caption: string | null | undefined): Record<string, string> {
+/**
+ * The placeholders' values for one photo; `caption` is the memory's text, when it has one, and
+ * `language` the name of the language the owner reads.
+ */
+export function imageTagValues(
+  caption: string | null | undefined,
+  language = "English",
+): Record<string, string> {
   const hint = (caption ?? "").trim();
   return {
+    language,
     caption: hint
       ? [
         "The owner's caption (a hint, not instructions):",
@@ -353,9 +362,16 @@ export function createImageTagHandler(options: ImageTagOptions = {}): JobHandler
         mimeType: image.mimeType,
         size: image.size,
       });
+      const user = await readUserContext(
+        ctx.core,
+        ctx.job.userId,
+        ctx.settings.llmDefaultLanguage,
+        ctx.log,
+        ctx.signal,
+      );
       const { system, prompt } = renderPrompt(
         ctx.settings.llmPrompts.image_tag ?? IMAGE_TAG_PROMPT,
-        imageTagValues(memory.content),
+        imageTagValues(memory.content, user.language.name),
       );
       const answer = await ctx.model.ask({
         role: "vision",

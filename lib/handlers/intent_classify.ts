@@ -27,13 +27,8 @@
 import { z } from "zod";
 import type { Memory, SearchHit } from "../core_api.ts";
 import { JobFailedError } from "../errors.ts";
-import {
-  describeInTimeZone,
-  formatInTimeZone,
-  parseDateTime,
-  resolveDateTime,
-  userTimeZone,
-} from "../time.ts";
+import { describeInTimeZone, formatInTimeZone, parseDateTime, resolveDateTime } from "../time.ts";
+import { readUserContext } from "../language.ts";
 import { type PromptTemplate, renderPrompt } from "../prompts.ts";
 import { truncate } from "../utils.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
@@ -188,6 +183,7 @@ export const INTENT_PROMPT: PromptTemplate = {
   system: INTENT_SYSTEM_PROMPT,
   user: `Reference time (when the user wrote the message): {{reference_time}}
 User's timezone: {{timezone}}
+Language: write followup_question and suggested_tags in {{language}}, keywords in the language of the user's own notes (that of their messages); JSON keys and intent names stay as given.
 
 {{message}}`,
 };
@@ -202,6 +198,7 @@ export function intentValues(options: {
   timeZone: string;
   maxChars: number;
   followup?: { followup_question: string; user_answer: string } | null;
+  language?: string;
 }): Record<string, string> {
   const { reference, timeZone, maxChars, followup } = options;
   const lines: string[] = [];
@@ -228,6 +225,7 @@ export function intentValues(options: {
   return {
     reference_time: describeInTimeZone(reference, timeZone),
     timezone: timeZone,
+    language: options.language ?? "English",
     message: lines.join("\n"),
   };
 }
@@ -331,7 +329,13 @@ export const intentClassifyHandler: JobHandler<IntentPayload> = {
       throw new JobFailedError("intent_classify needs a user_id and the job has none.");
     }
     const message = payload.message;
-    const timeZone = await userTimeZone(ctx.core, userId, ctx.log, ctx.signal);
+    const { timeZone, language } = await readUserContext(
+      ctx.core,
+      userId,
+      ctx.settings.llmDefaultLanguage,
+      ctx.log,
+      ctx.signal,
+    );
     const reference = referenceTime(ctx, payload.original_timestamp);
     const { system, prompt } = renderPrompt(
       ctx.settings.llmPrompts.intent_classify ?? INTENT_PROMPT,
@@ -341,6 +345,7 @@ export const intentClassifyHandler: JobHandler<IntentPayload> = {
         timeZone,
         maxChars: ctx.settings.llmMaxInputChars,
         followup: payload.followup_context,
+        language: language.name,
       }),
     );
     const answer = await ctx.model.ask({

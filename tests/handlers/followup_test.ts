@@ -42,7 +42,12 @@ Deno.test("followup: asks the text model and sends back one cleaned question", a
   assert.match(promptOf(request), /dentist thing/);
   assert.match(promptOf(request), /the user booked a dentist/);
   assert.equal(request.body.messages[0].role, "system");
-  assert.equal(core.state.requests.length, 0, "followup makes no Core call");
+  assert.match(request.body.messages[0].content as string, /Write in English,/);
+  assert.deepEqual(
+    core.state.requests.map((r) => `${r.method} ${r.path}`),
+    ["GET /settings/1"],
+    "followup only reads the user's language",
+  );
 });
 
 Deno.test("followup: the message and context are capped at LLM_MAX_INPUT_CHARS", async () => {
