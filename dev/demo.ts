@@ -53,6 +53,8 @@ export interface DemoReport {
   core: LocalStack["core"]["state"];
   /** The worker's `/metrics` text at the end. */
   metrics: string;
+  /** The question a French-speaking user got (their Core settings say `language: fr`). */
+  frenchQuestion: string;
   /** What `deno task dead list` printed for the malformed entry, and whether `drop` removed it. */
   deadLetters: { listed: string; dropped: boolean };
   /** True when every job completed. */
@@ -237,6 +239,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
       ([, fields]) => JSON.parse(fields[1]) as DemoNotification,
     );
     for (const job of jobs) job.job = stack.core.state.jobs.get(job.jobId)!;
+    const frenchQuestion = await languageScenario(stack, out, started + timeoutMs);
     const deadLetters = await deadLetterScenario(stack, out, started + timeoutMs);
     const report: DemoReport = {
       jobs,
@@ -244,6 +247,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
       core: stack.core.state,
       metrics: await stack.worker.metrics.metrics(),
       deadLetters,
+      frenchQuestion,
       ok: jobs.every((j) => j.job.status === "completed") && deadLetters.dropped,
     };
     printReport(report, out);
@@ -285,6 +289,39 @@ async function promptsScenario(dir: string, out: (line: string) => void): Promis
   await Deno.writeTextFile(file, edited);
   out(`  Typo fixed; the worker runs with LLM_PROMPTS_DIR=${dir}.`);
   out("");
+}
+
+/**
+ * The user's language: user 2's Core settings say `language: fr`, so the worker asks the model to
+ * write their follow-up question in French (the scripted model has one French phrase for it).
+ */
+async function languageScenario(
+  stack: LocalStack,
+  out: (line: string) => void,
+  deadline: number,
+): Promise<string> {
+  const userId = SAMPLE_USER + 1;
+  stack.core.state.users.add(userId);
+  stack.core.state.settings.set(userId, {
+    user_id: userId,
+    timezone: "Europe/Paris",
+    language: "fr",
+  });
+  const payload = { message: "le truc de la semaine prochaine" };
+  const job = stack.core.seedJob({ job_type: "followup", payload, user_id: userId });
+  const envelope = { job_id: job.id, job_type: "followup", payload, user_id: userId };
+  await stack.client.xadd(STREAM_OF.followup, "*", "data", JSON.stringify(envelope));
+  out("");
+  out(`The user's language: user ${userId}'s settings in Core say language "fr".`);
+  let ended = stack.core.state.jobs.get(job.id)!;
+  while (ended.status !== "completed" && ended.status !== "failed") {
+    if (Date.now() > deadline) throw new Error("The demo timed out waiting for the French job.");
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    ended = stack.core.state.jobs.get(job.id)!;
+  }
+  const question = String((ended.result as Record<string, unknown> | null)?.question ?? "");
+  out(`  followup "${payload.message}" → ${ended.status}: ${question}`);
+  return question;
 }
 
 /**

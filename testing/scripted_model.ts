@@ -171,7 +171,7 @@ export function recogniseTask(body: ChatBody): ScriptedTask {
  * question for a followup.
  */
 export function scriptedAnswer(body: ChatBody): string {
-  const { user, image } = partsOf(body);
+  const { system, user, image } = partsOf(body);
   switch (recogniseTask(body)) {
     case "image_tags":
       return JSON.stringify(answerImage(user, image));
@@ -182,7 +182,7 @@ export function scriptedAnswer(body: ChatBody): string {
     case "email_events":
       return JSON.stringify(answerEmail(user));
     case "followup":
-      return answerFollowup(user);
+      return answerFollowup(user, system);
     default:
       return "The scripted model only answers Life Organiser's five job types.";
   }
@@ -710,9 +710,13 @@ function describeEvent(sentence: string): string {
 
 // ------------------------------------------------------------------ followup
 
-function answerFollowup(prompt: string): string {
+function answerFollowup(prompt: string, system = ""): string {
   const message = tidy(prompt.match(/<<<\n([\s\S]*?)\n>>>/)?.[1] ?? "").replace(/[.!?]+$/, "");
   const short = message.length > 60 ? `${message.slice(0, 57)}…` : message;
+  // The one language besides English it has a phrase in, for the demo's French-speaking user.
+  if (/\bWrite in French\b/.test(system)) {
+    return `Voulez-vous un rappel, une tâche ou une note pour « ${short} » ?`;
+  }
   const found = findTime(message, fromMs(Date.now()));
   if (found && !found.hasTime) return `At what time ${found.words} do you mean "${short}"?`;
   if (found) return `Should I remind you about "${short}" ${found.words}, or keep it as a note?`;

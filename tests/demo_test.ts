@@ -105,6 +105,9 @@ Deno.test("the demo completes every sample job with the expected effects", async
   assert.match(lines.join("\n"), /followup\.txt: unknown placeholder \{\{mesage\}\}/);
   assert.match(lines.join("\n"), /the worker runs with LLM_PROMPTS_DIR=/);
 
+  // A French-speaking user's follow-up question is asked for, and written, in French.
+  assert.match(report.frenchQuestion, /^Voulez-vous un rappel/);
+
   // The malformed entry went to llm:dead, was listed by `deno task dead list` and dropped.
   assert.match(
     report.deadLetters.listed,
