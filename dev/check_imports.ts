@@ -63,8 +63,7 @@ export const HANDLER_RUNNERS: readonly string[] = ["lib/consumer.ts"];
 /** The folders the check reads, relative to the repository. */
 export const CHECKED: readonly string[] = [
   "main.ts",
-  "dead.ts",
-  "prompts.ts",
+  "cli",
   "lib",
   "testing",
   "tests",
@@ -83,7 +82,7 @@ export const RULES: readonly LayerRule[] = [
     }) import lib/handlers/; the job's own types are in lib/job.ts`,
   },
   {
-    from: ["main.ts", "dead.ts", "prompts.ts", "lib/"],
+    from: ["main.ts", "cli/", "lib/"],
     to: ["testing/", "tests/", "bench/", "dev/"],
     why: "the worker itself never imports test, bench or dev code",
   },

@@ -16,8 +16,8 @@ import type { EmulatedJob } from "../testing/core_emulator.ts";
 import type { JobType } from "../lib/job.ts";
 import { setupLogging, teardownLogging } from "../lib/log.ts";
 import { DEAD_STREAM, NOTIFY_STREAM, STREAM_OF } from "../lib/streams.ts";
-import { dead } from "../dead.ts";
-import { writePrompts } from "../prompts.ts";
+import { dead } from "../cli/dead.ts";
+import { writePrompts } from "../cli/prompts.ts";
 import { loadSettings, SettingsError } from "../lib/config.ts";
 import { type LocalStack, SAMPLE_USER, SAMPLES_DIR, startLocalStack } from "./local_stack.ts";
 

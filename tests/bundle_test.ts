@@ -116,7 +116,7 @@ Deno.test("the dead-letter tool's bundle runs on its own as the image ships it",
   try {
     const bundle = join(dir, "dead.js");
     const built = await new Deno.Command(Deno.execPath(), {
-      args: bundleArgs(bundle, "dead.ts"),
+      args: bundleArgs(bundle, "cli/dead.ts"),
       cwd: REPO_ROOT,
       stdout: "piped",
       stderr: "piped",

@@ -46,8 +46,8 @@ Deno.test("a cycle through type-only and value imports is read from deno info an
 Deno.test("main prints every cycle's chain and fails", async () => {
   const [dir, remove] = await writeTree({
     "main.ts": 'import "./lib/x.ts";\n',
-    "dead.ts": "export {};\n",
-    "prompts.ts": "export {};\n",
+    "cli/dead.ts": "export {};\n",
+    "cli/prompts.ts": "export {};\n",
     "lib/x.ts": 'import "./y.ts";\n',
     "lib/y.ts": 'import "./x.ts";\n',
     "testing/t.ts": "export {};\n",

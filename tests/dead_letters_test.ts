@@ -14,7 +14,7 @@ import {
 } from "../lib/dead_letters.ts";
 import { closeRedis, createRedis } from "../lib/redis.ts";
 import { DEAD_STREAM, ensureGroups, GROUP, moveToDead } from "../lib/streams.ts";
-import { dead, type DeadIO } from "../dead.ts";
+import { dead, type DeadIO } from "../cli/dead.ts";
 import { startRedis } from "../testing/redis_server.ts";
 import { startStack } from "./helpers/stack.ts";
 

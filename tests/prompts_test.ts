@@ -16,7 +16,7 @@ import {
   readPromptsDir,
   renderPrompt,
 } from "../lib/prompts.ts";
-import { writePrompts } from "../prompts.ts";
+import { writePrompts } from "../cli/prompts.ts";
 import { promptOf } from "./helpers/model_server.ts";
 import { startStack } from "./helpers/stack.ts";
 

@@ -15,7 +15,7 @@
  * @module
  */
 import { Redis } from "ioredis";
-import { readEnvironment, redactUrl } from "./lib/config.ts";
+import { readEnvironment, redactUrl } from "../lib/config.ts";
 import {
   type DeadLetter,
   DeadLetterError,
@@ -24,10 +24,10 @@ import {
   formatAge,
   getDeadLetter,
   requeueDeadLetter,
-} from "./lib/dead_letters.ts";
-import { describeError } from "./lib/log.ts";
-import { closeRedis } from "./lib/redis.ts";
-import { DEAD_STREAM } from "./lib/streams.ts";
+} from "../lib/dead_letters.ts";
+import { describeError } from "../lib/log.ts";
+import { closeRedis } from "../lib/redis.ts";
+import { DEAD_STREAM } from "../lib/streams.ts";
 
 /** Where {@linkcode dead} reads and writes; the defaults are the process's. */
 export interface DeadIO {

@@ -8,9 +8,9 @@
  * @module
  */
 import { join } from "node:path";
-import { BUILT_IN_PROMPTS } from "./lib/handlers/mod.ts";
-import type { JobType } from "./lib/job.ts";
-import { formatPromptFile, promptFileName } from "./lib/prompts.ts";
+import { BUILT_IN_PROMPTS } from "../lib/handlers/mod.ts";
+import type { JobType } from "../lib/job.ts";
+import { formatPromptFile, promptFileName } from "../lib/prompts.ts";
 
 const USAGE = `Usage: deno task prompts DIR [--force]
 Writes the built-in prompts into DIR (one <job_type>.txt per job type); edit them, keep the ones
