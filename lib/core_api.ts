@@ -5,6 +5,9 @@
  * @module
  */
 import { scopedSignal, sleep } from "./utils.ts";
+import { logger } from "./log.ts";
+
+const log = logger("core");
 
 /** Job statuses in Core. */
 export type JobStatus = "queued" | "processing" | "completed" | "failed";
@@ -311,6 +314,7 @@ export class CoreApiClient {
   ): Promise<T> {
     const url = `${this.#base}${path}`;
     using limit = scopedSignal(options.signal, this.#timeoutMs);
+    const started = performance.now();
     let response: Response;
     try {
       response = await this.#fetch(url, {
@@ -328,8 +332,10 @@ export class CoreApiClient {
         : `Core could not be reached (${
           error instanceof Error ? error.message : error
         }); check CORE_API_URL`;
+      logCall(method, path, "no answer", started);
       throw new CoreApiError(method, url, 0, why, { cause: error, timedOut: limit.timedOut });
     }
+    logCall(method, path, response.status, started);
     const text = await response.text().catch(() => "");
     // Core answers 200 or 201 as the table says; any other 2xx is a success all the same.
     if (!response.ok) {
@@ -347,6 +353,17 @@ export class CoreApiClient {
       );
     }
   }
+}
+
+/** One debug line per call; the query (search text, user ids) is left out. */
+function logCall(method: string, path: string, status: number | string, started: number): void {
+  if (!log.isEnabledFor("debug")) return;
+  log.debug("Core {method} {path} answered {status} in {durationMs} ms.", {
+    method,
+    path: path.split("?")[0],
+    status,
+    durationMs: Math.round(performance.now() - started),
+  });
 }
 
 /** A failure worth a quick second try: refused or reset connection, 429, 502, 503, 504. */

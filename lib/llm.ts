@@ -19,8 +19,11 @@ import { scopedSignal, sniffImageType } from "./utils.ts";
 import { type ImageRequestBody, imageRequestBody, type ImageSource } from "./image_body.ts";
 import { type Span, SpanKind, SpanStatusCode } from "@opentelemetry/api";
 import { withSpan } from "./tracing.ts";
+import { logger } from "./log.ts";
 
 export type { ImageSource } from "./image_body.ts";
+
+const log = logger("model");
 
 /**
  * The SDK's telemetry headers (`X-Stainless-*`: its version, the OS, the runtime, the retry count),
@@ -459,13 +462,32 @@ export class LLMClient {
     jobType?: string,
     completion?: Completion,
   ) {
-    this.#onCompletion?.({
-      model,
-      durationMs: performance.now() - started,
-      outcome,
-      completion,
-      jobType,
-    });
+    const durationMs = performance.now() - started;
+    this.#onCompletion?.({ model, durationMs, outcome, completion, jobType });
+    if (!log.isEnabledFor("debug")) return;
+    const ms = Math.round(durationMs);
+    if (!completion) {
+      log.debug("Model {model} request ended {outcome} after {durationMs} ms.", {
+        model,
+        outcome,
+        durationMs: ms,
+      });
+    } else if (completion.promptTokens === 0 && completion.completionTokens === 0) {
+      log.debug("Model {model} answered in {durationMs} ms (no token counts reported).", {
+        model,
+        durationMs: ms,
+      });
+    } else {
+      log.debug(
+        "Model {model} answered in {durationMs} ms: {promptTokens} prompt and {completionTokens} completion tokens.",
+        {
+          model,
+          durationMs: ms,
+          promptTokens: completion.promptTokens,
+          completionTokens: completion.completionTokens,
+        },
+      );
+    }
   }
 }
 

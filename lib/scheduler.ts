@@ -93,11 +93,16 @@ export class JobScheduler<T extends Schedulable> {
     return this.#waiting.size;
   }
 
-  /** Adds an item; it starts as soon as its user's turn and a running place allow. */
-  add(item: T): void {
-    if (this.#stopped) return;
+  /**
+   * Adds an item; it starts as soon as its user's turn and a running place allow. Returns
+   * `"queued"` when it waits for its user's earlier item, `"scheduled"` when only a running place
+   * stands between it and its start, `"refused"` once the scheduler has stopped.
+   */
+  add(item: T): "scheduled" | "queued" | "refused" {
+    if (this.#stopped) return "refused";
     this.#held++;
     const user = item.userId;
+    let placed: "scheduled" | "queued" = "scheduled";
     if (user === null) {
       this.#ready.push(item);
     } else if (this.#busyUsers.has(user)) {
@@ -107,11 +112,13 @@ export class JobScheduler<T extends Schedulable> {
       while (at > 0 && compareEntryIds(item.entryId, queue[at - 1].entryId) < 0) at--;
       queue.splice(at, 0, item);
       this.#queues.set(user, queue);
+      placed = "queued";
     } else {
       this.#busyUsers.add(user);
       this.#ready.push(item);
     }
     this.#pump();
+    return placed;
   }
 
   /** Resolves once fewer than `limit` items are held (or `signal` aborts: then it rejects). */
