@@ -38,7 +38,8 @@ VOLUME /data/images
 # Health and metrics (WORKER_HTTP_PORT): /healthz, /readyz, /metrics.
 EXPOSE 9464
 
-# The image has no curl: Deno itself asks /healthz.
+# Liveness: the image has no curl, Deno itself asks /healthz (200 while the process runs, even
+# with Redis or the model server away). docker-compose.example.yml checks readiness (/readyz).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["deno", "eval", "const r = await fetch(`http://127.0.0.1:${Deno.env.get('WORKER_HTTP_PORT') || '9464'}/healthz`).catch(() => null); Deno.exit(r?.ok ? 0 : 1);"]
 

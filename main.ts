@@ -1,7 +1,9 @@
 /**
  * The LLM worker of Life Organiser: `deno task start`.
  *
- * Loads the settings, runs the consumer until SIGTERM or SIGINT, drains, exits 0.
+ * Loads the settings, runs the consumer until SIGTERM or SIGINT, drains, exits 0. Exits 2 on a bad
+ * setting and 1 when the health port cannot be bound; a Redis, Core or model server that is not up
+ * yet is waited for (a stop signal ends the wait).
  *
  * @module
  */
@@ -40,8 +42,8 @@ export async function main(): Promise<number> {
   for (const [signal, listener] of signals) Deno.addSignalListener(signal, listener);
   let code = 0;
   try {
-    await worker.start();
-    await stopped.promise;
+    // A stop while the worker still waits for Redis ends the wait (close() below).
+    await Promise.race([worker.start().then(() => stopped.promise), stopped.promise]);
   } catch (error) {
     const hint = error instanceof Deno.errors.AddrInUse
       ? ` Port ${settings.workerHttpPort} is taken: set WORKER_HTTP_PORT to a free port (0 picks one).`

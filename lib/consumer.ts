@@ -15,7 +15,7 @@ import type { HandlerResult, JobHandler } from "./handlers/types.ts";
 import type { Effects, Job, JobType } from "./job.ts";
 import { type JobLedger, type JobRecord, MemoryEffects } from "./ledger.ts";
 import { LLMError } from "./llm.ts";
-import { describeError, logger } from "./log.ts";
+import { describeError, logger, withJobContext } from "./log.ts";
 import { sleep } from "./utils.ts";
 import type { ModelGateway, ModelHealth } from "./model.ts";
 import { entryTimeMs, expiresAt, RetryTracker, unavailableDelayMs } from "./retry.ts";
@@ -32,18 +32,35 @@ import {
   parseEntry,
 } from "./streams.ts";
 
-/** How a job's run ended, as reported to {@linkcode ConsumerEvents}. */
+/**
+ * How a job's run ended, as reported to {@linkcode ConsumerEvents}: the job ended
+ * ({@linkcode ENDED_OUTCOMES}), or it will run again (`retry_*`, `abandoned` by a stop).
+ * `unrecorded`: the job ended but Core refused its final update (e.g. Core does not know it).
+ */
 export type JobOutcome =
   | "completed"
   | "failed"
+  | "unrecorded"
   | "skipped"
   | "retry_invalid"
   | "retry_unavailable"
+  | "retry_error"
   | "abandoned";
+
+/** The outcomes that end a job: its entry is acknowledged. */
+export const ENDED_OUTCOMES: readonly JobOutcome[] = [
+  "completed",
+  "failed",
+  "unrecorded",
+  "skipped",
+];
 
 /** Observers of the consumer (metrics, tests). All optional; none may throw. */
 export interface ConsumerEvents {
-  /** A job run starts (`attempt` counts every run of the job, 1-based). */
+  /**
+   * A job run starts. `attempt` is the one counted against `LLM_MAX_RETRIES` (1-based): waits for
+   * an unavailable model server or Core do not raise it.
+   */
   jobStarted?(job: Job, attempt: number): void;
   /** A job run ended. */
   jobEnded?(job: Job, outcome: JobOutcome, durationMs: number): void;
@@ -99,6 +116,8 @@ interface WorkItem {
   answers: MemoryEffects;
   /** Set once the job's end is decided but not yet written (Core was down). */
   ending?: Ending;
+  /** The attempt of the current or last run and the waits before it (for its log lines). */
+  run?: { attempt: number; waits: number };
 }
 
 interface Ending {
@@ -495,8 +514,33 @@ export class Consumer {
     const key = entryKey(item.stream, item.entryId);
     if (this.#held.has(key)) return false;
     this.#held.set(key, item);
-    this.#scheduler.add(item);
+    const placed = this.#scheduler.add(item);
+    if (this.#log.isEnabledFor("debug")) this.#logRead(item, placed);
     return true;
+  }
+
+  #logRead(item: WorkItem, placed: "scheduled" | "queued" | "refused"): void {
+    const where = { entryId: item.entryId, stream: item.stream, redelivered: item.redelivered };
+    if (!item.parsed.ok) {
+      this.#log.debug("Read entry {entryId} of {stream}: malformed ({reason}).", {
+        ...where,
+        reason: item.parsed.reason,
+      });
+      return;
+    }
+    const { jobId, jobType, userId } = item.parsed.job;
+    const values = { ...where, jobId, jobType, userId, placed };
+    if (placed === "queued") {
+      this.#log.debug(
+        "Read job {jobId} ({jobType}) for user {userId}: entry {entryId} of {stream}; it waits for the user's earlier job.",
+        values,
+      );
+    } else {
+      this.#log.debug(
+        "Read job {jobId} ({jobType}) for user {userId}: entry {entryId} of {stream}; {placed}.",
+        values,
+      );
+    }
   }
 
   #release(item: WorkItem): void {
@@ -526,11 +570,15 @@ export class Consumer {
     if (!item.parsed.ok) return await this.#deadLetter(item, item.parsed);
     const job = item.parsed.job;
     const started = performance.now();
-    let outcome: JobOutcome = "abandoned";
+    let outcome: JobOutcome = "retry_error";
     try {
-      const result = await traceJob(job, () => this.#runJob(item, job));
+      const context = { jobId: job.jobId, jobType: job.jobType, userId: job.userId };
+      const result = await withJobContext(
+        context,
+        () => traceJob(job, () => this.#runJob(item, job)),
+      );
       outcome = result.outcome;
-      if (outcome === "completed" || outcome === "failed" || outcome === "skipped") {
+      if (ENDED_OUTCOMES.includes(outcome)) {
         this.#release(item);
         this.#tracker.clear(job.jobId);
       }
@@ -551,14 +599,16 @@ export class Consumer {
       this.#events.jobEnded?.(job, outcome, durationMs);
       const level = outcome === "failed" ? "warn" : "info";
       this.#log[level](
-        "Job {jobId} ({jobType}) for user {userId} ended: {outcome} in {durationMs} ms (attempt {attempt}).",
+        "Job {jobId} ({jobType}) for user {userId} ended: {outcome} in {durationMs} ms (attempt {attempt} of {maxAttempts}, after {waits} wait(s)).",
         {
           jobId: job.jobId,
           jobType: job.jobType,
           userId: job.userId,
           outcome,
           durationMs: Math.round(durationMs),
-          attempt: this.#attempt(item),
+          attempt: item.run?.attempt ?? this.#attempt(item),
+          maxAttempts: this.#tracker.maxRetries,
+          waits: item.run?.waits ?? item.record?.unavailableAttempts ?? 0,
         },
       );
     }
@@ -573,6 +623,13 @@ export class Consumer {
         item.effects = this.#ledger.effects(job.jobId, item.record);
         if (item.record.done) {
           await this.#ledger.ack(job);
+          log.debug(
+            "Job {jobId} had ended here already ({status}); entry {entryId} acknowledged.",
+            {
+              status: item.record.done,
+              entryId: job.entryId,
+            },
+          );
           return { outcome: "skipped" };
         }
         if (item.redelivered || item.record.exists) {
@@ -580,18 +637,33 @@ export class Consumer {
           if (skipped) return { outcome: "skipped" };
         }
       }
-      const attempt = this.#attempt(item);
-      this.#events.jobStarted?.(job, attempt);
-      log.info("Job {jobId} ({jobType}) for user {userId} started, attempt {attempt}.", {
-        attempt,
-      });
-      item.ending ??= await this.#decide(item, job, log);
-      if (!item.ending) return { outcome: "abandoned" };
-      await this.#end(job, item.ending, log);
-      return { outcome: item.ending.status };
     } catch (error) {
       return this.#onRunError(item, job, error, log);
     }
+    const run = { attempt: this.#attempt(item), waits: item.record.unavailableAttempts };
+    item.run = run;
+    return await withJobContext(run, async () => {
+      try {
+        this.#events.jobStarted?.(job, run.attempt);
+        const values = { ...run, maxAttempts: this.#tracker.maxRetries };
+        if (run.waits === 0) {
+          log.info(
+            "Job {jobId} ({jobType}) for user {userId} started: attempt {attempt} of {maxAttempts}.",
+            values,
+          );
+        } else {
+          log.info(
+            "Job {jobId} ({jobType}) for user {userId} started: attempt {attempt} of {maxAttempts}, after {waits} wait(s) for the model server or Core (waits are not attempts).",
+            values,
+          );
+        }
+        item.ending ??= await this.#decide(item, job, log);
+        if (!item.ending) return { outcome: "abandoned" };
+        return { outcome: await this.#end(job, item.ending, log) };
+      } catch (error) {
+        return this.#onRunError(item, job, error, log);
+      }
+    });
   }
 
   /** Runs the handler, or decides a failure without it; `undefined` when the stop cut it short. */
@@ -638,11 +710,19 @@ export class Consumer {
     };
   }
 
-  /** Writes the end of a job: outbox, Core's PATCH, then notifications + XACK at once. */
-  async #end(job: Job, ending: Ending, log: Logger): Promise<void> {
+  /**
+   * Writes the end of a job: outbox, Core's PATCH, then notifications + XACK at once. Resolves
+   * with the job's outcome: its status, or `unrecorded` when Core refused the PATCH for good.
+   */
+  async #end(
+    job: Job,
+    ending: Ending,
+    log: Logger,
+  ): Promise<"completed" | "failed" | "unrecorded"> {
     if (ending.notifications.length > 0) {
       await this.#ledger.saveOutbox(job.jobId, ending.notifications);
     }
+    let outcome: "completed" | "failed" | "unrecorded" = ending.status;
     try {
       await this.#core.updateJob(
         job.jobId,
@@ -654,14 +734,28 @@ export class Consumer {
     } catch (error) {
       if (!(error instanceof CoreApiError) || error.retryable) throw error;
       // Core can never take this update (e.g. it does not know the job): say so, end it anyway.
-      log.error("Core refused the end of job {jobId}: {message}. The entry is acknowledged.", {
-        message: error.message,
-      });
+      outcome = "unrecorded";
+      log.warn(
+        "Job {jobId} ({jobType}) {status}, but its result could not be recorded in Core: {why}. The entry is acknowledged; the job counts as unrecorded.",
+        {
+          status: ending.status,
+          why: error.status === 404
+            ? "Core does not know the job (404 to the final PATCH)"
+            : `Core refused the final PATCH with ${error.status}: ${error.body}`,
+          coreStatus: error.status,
+          errorMessage: ending.errorMessage,
+        },
+      );
     }
     await this.#ledger.finish(job, ending.status, ending.notifications);
-    if (ending.status === "failed") {
+    log.debug(
+      "Job {jobId}: entry {entryId} of {stream} acknowledged, {notifications} notification(s) sent.",
+      { entryId: job.entryId, stream: job.stream, notifications: ending.notifications.length },
+    );
+    if (outcome === "failed") {
       log.warn("Job {jobId} ({jobType}) failed: {reason}", { reason: ending.errorMessage });
     }
+    return outcome;
   }
 
   /** A redelivered job that Core already shows as ended is acknowledged, not redone. */
@@ -701,11 +795,17 @@ export class Consumer {
       if (this.#tracker.shouldRetry(job.jobId)) {
         const delay = this.#tracker.backoffSeconds(job.jobId) * 1000;
         await this.#markProcessing(job, log);
-        log.warn("Job {jobId}: invalid model answer ({reason}); asking again in {delay} ms.", {
-          reason: error.message,
-          delay,
-          answer: error.answer,
-        });
+        log.warn(
+          "Job {jobId}: invalid model answer at attempt {attempt} of {maxAttempts} ({reason}); attempt {next} in {delay} ms.",
+          {
+            attempt: item.record!.invalidAttempts,
+            maxAttempts: this.#tracker.maxRetries,
+            next: item.record!.invalidAttempts + 1,
+            reason: error.message,
+            delay,
+            answer: error.answer,
+          },
+        );
         return { outcome: "retry_invalid", retry: { retryInMs: delay } };
       }
       ending = this.#failure(
@@ -728,8 +828,7 @@ export class Consumer {
     }
     item.ending = ending;
     try {
-      await this.#end(job, ending, log);
-      return { outcome: "failed" };
+      return { outcome: await this.#end(job, ending, log) };
     } catch (endError) {
       if (isUnavailable(endError)) {
         return { outcome: "retry_unavailable", retry: await this.#wait(item, job, endError, log) };
@@ -771,7 +870,10 @@ export class Consumer {
     );
     const left = expiresAt(entryTimeMs(job.entryId)) - this.#now();
     delay = Math.max(0, Math.min(delay, left)); // at expiry the next run gives up
-    log.warn("Job {jobId} waits {delay} ms: {reason}", { delay, reason: error.message });
+    log.warn(
+      "Job {jobId} waits {delay} ms (wait {waits}, not counted against LLM_MAX_RETRIES): {reason}",
+      { delay, waits: count, reason: error.message },
+    );
     return { retryInMs: delay, wake: fromModel ? this.#health.nextRecovery() : undefined };
   }
 
@@ -837,9 +939,9 @@ export class Consumer {
     });
   }
 
+  /** The attempt counted against `LLM_MAX_RETRIES`: invalid answers so far, plus one. */
   #attempt(item: WorkItem): number {
-    const record = item.record;
-    return 1 + (record?.invalidAttempts ?? 0) + (record?.unavailableAttempts ?? 0);
+    return 1 + (item.record?.invalidAttempts ?? 0);
   }
 }
 

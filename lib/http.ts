@@ -1,6 +1,7 @@
 /**
- * The worker's HTTP listener for operators: `GET /healthz` (the process is alive), `GET /readyz`
- * (Redis reachable and the consumer loop running) and `GET /metrics` (Prometheus text format).
+ * The worker's HTTP listener for operators: `GET /healthz` (the process is alive: a liveness
+ * probe), `GET /readyz` (Redis reachable and the consumer loop running: a readiness probe; its
+ * text also names a model server that does not answer) and `GET /metrics` (Prometheus text).
  *
  * @module
  */
@@ -12,6 +13,8 @@ export interface Readiness {
   ready: boolean;
   /** One plain sentence when not ready. */
   reason?: string;
+  /** Something wrong that does not make the worker unready (e.g. the model server is down). */
+  detail?: string;
 }
 
 /** Options of {@linkcode startHttpServer}. */
@@ -78,10 +81,9 @@ export function startHttpServer(options: HttpServerOptions): HttpServer {
       case "/healthz":
         return text("ok");
       case "/readyz": {
-        const readiness = options.readiness();
-        return readiness.ready
-          ? text("ready")
-          : text(`not ready: ${readiness.reason ?? "unknown"}`, 503);
+        const { ready, reason, detail } = options.readiness();
+        const also = detail ? `; ${detail}` : "";
+        return ready ? text(`ready${also}`) : text(`not ready: ${reason ?? "unknown"}${also}`, 503);
       }
       case "/metrics":
         try {

@@ -2,14 +2,17 @@
  * Prometheus metrics of one worker, with prom-client: counters and histograms fed by the
  * consumer's and the model client's events, and gauges read when `/metrics` is scraped.
  *
- * Every metric is named `llm_worker_*`; each worker has its own registry, so several workers in
- * one process (tests) never mix their numbers.
+ * Every metric of the worker is named `llm_worker_*`; each worker has its own registry, so several
+ * workers in one process (tests) never mix their numbers. Every known label set of a counter
+ * (job types, outcomes, streams, models) is there from the start at 0, so `increase()` sees the
+ * first event after a restart. The registry also holds prom-client's default process metrics
+ * (`process_cpu_seconds_total`, `process_start_time_seconds`, ...; see {@linkcode WorkerMetrics}).
  *
  * @module
  */
-import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Redis } from "ioredis";
-import type { ConsumerEvents, JobOutcome } from "./consumer.ts";
+import { type ConsumerEvents, ENDED_OUTCOMES, type JobOutcome } from "./consumer.ts";
 import type { Job } from "./job.ts";
 import type { CompletionEvent } from "./llm.ts";
 import { REPAIRS } from "./accept.ts";
@@ -28,8 +31,12 @@ export interface MetricsSources {
   modelAvailable(): boolean;
   /** The connection used for `XPENDING`; skipped while it is not ready. */
   redis?: Redis;
-  /** The streams whose pending entries are counted (default: the five job streams). */
+  /** The streams read: pending entries and dead letters per stream (default: the five). */
   streams?: readonly string[];
+  /** The job types, whose counters start at 0 (default: the five). */
+  jobTypes?: readonly string[];
+  /** The model names, whose token counters start at 0 (default: none). */
+  models?: readonly string[];
   /** How long one scrape waits for `XPENDING` (ms, default 1000). */
   pendingTimeoutMs?: number;
 }
@@ -38,6 +45,29 @@ export interface MetricsSources {
 const JOB_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
 /** Model request durations. */
 const MODEL_BUCKETS = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120];
+
+/** The kinds of `llm_worker_retries_total`, by the outcome of the run that will be tried again. */
+const RETRY_KINDS: Partial<Record<JobOutcome, string>> = {
+  retry_invalid: "invalid",
+  retry_unavailable: "unavailable",
+  retry_error: "error",
+  abandoned: "abandoned",
+};
+
+/**
+ * prom-client defaults that Deno cannot measure under the worker's permissions: left out rather
+ * than reading 0 or NaN. Files under /proc/self open only with --allow-all (resident memory is
+ * read from `Deno.memoryUsage()` instead); Deno's event-loop delay monitor and GC entries report
+ * nothing.
+ */
+const UNMEASURED_DEFAULTS = [
+  "process_resident_memory_bytes",
+  "process_virtual_memory_bytes",
+  "process_heap_bytes",
+  "process_open_fds",
+  "process_max_fds",
+  "nodejs_gc_duration_seconds",
+];
 
 /**
  * The worker's metrics. Hand {@linkcode WorkerMetrics.events} to the consumer and
@@ -79,7 +109,7 @@ export class WorkerMetrics {
     this.#jobs = new Counter({
       name: "llm_worker_jobs_total",
       help:
-        "Job runs that ended, by job type and outcome (completed, failed, skipped, retry_invalid, retry_unavailable, abandoned).",
+        "Jobs ended, by job type and outcome (completed; failed; unrecorded: Core refused the final update; skipped: already ended). Runs tried again are in llm_worker_retries_total.",
       labelNames: ["job_type", "outcome"],
       registers,
     });
@@ -107,7 +137,7 @@ export class WorkerMetrics {
     this.#retries = new Counter({
       name: "llm_worker_retries_total",
       help:
-        "Job runs that will be tried again, by job type and kind (invalid: the model's answer was unusable; unavailable: the model server or Core was down).",
+        "Job runs that will be tried again, by job type and kind (invalid: the model's answer was unusable; unavailable: the model server or Core was down; error: an unexpected error, e.g. Redis lost; abandoned: cut short by a stop).",
       labelNames: ["job_type", "kind"],
       registers,
     });
@@ -125,9 +155,31 @@ export class WorkerMetrics {
       registers,
     });
     // Every series exists from the start, so increase() sees the first sloppy answer.
-    for (const jobType of Object.keys(STREAM_OF)) {
+    for (const jobType of sources.jobTypes ?? Object.keys(STREAM_OF)) {
       for (const repair of REPAIRS) this.#repaired.inc({ job_type: jobType, repair }, 0);
     }
+    const jobTypes = sources.jobTypes ?? Object.keys(STREAM_OF);
+    for (const job_type of jobTypes) {
+      for (const outcome of ENDED_OUTCOMES) this.#jobs.inc({ job_type, outcome }, 0);
+      for (const kind of Object.values(RETRY_KINDS)) this.#retries.inc({ job_type, kind }, 0);
+    }
+    for (const model of sources.models ?? []) {
+      for (const kind of ["prompt", "completion"]) this.#tokens.inc({ model, kind }, 0);
+    }
+    for (const stream of sources.streams ?? JOB_STREAMS) this.#deadLettered.inc({ stream }, 0);
+    collectDefaultMetrics({ register: this.registry });
+    for (const name of UNMEASURED_DEFAULTS) this.registry.removeSingleMetric(name);
+    for (const name of this.registry.getMetricsAsArray().map((m) => m.name)) {
+      if (name.startsWith("nodejs_eventloop_lag")) this.registry.removeSingleMetric(name);
+    }
+    new Gauge({
+      name: "process_resident_memory_bytes",
+      help: "Resident memory size in bytes.",
+      registers,
+      collect() {
+        this.set(Deno.memoryUsage().rss);
+      },
+    });
     new Gauge({
       name: "llm_worker_jobs_in_flight",
       help: "Jobs running now.",
@@ -193,13 +245,9 @@ export class WorkerMetrics {
 
     this.events = {
       jobEnded: (job: Job, outcome: JobOutcome, durationMs: number) => {
-        this.#jobs.inc({ job_type: job.jobType, outcome });
-        if (outcome === "retry_invalid") {
-          this.#retries.inc({ job_type: job.jobType, kind: "invalid" });
-        }
-        if (outcome === "retry_unavailable") {
-          this.#retries.inc({ job_type: job.jobType, kind: "unavailable" });
-        }
+        const kind = RETRY_KINDS[outcome];
+        if (kind) this.#retries.inc({ job_type: job.jobType, kind });
+        else this.#jobs.inc({ job_type: job.jobType, outcome });
         if (outcome !== "skipped" && outcome !== "abandoned") {
           this.#jobDuration.observe({ job_type: job.jobType }, durationMs / 1000);
         }

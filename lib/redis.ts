@@ -55,3 +55,106 @@ export async function closeRedis(connection: Redis): Promise<void> {
   await Promise.race([ended, sleep(DISCONNECT_TIMEOUT_MS + 100, timeout.signal).catch(() => {})]);
   timeout.abort();
 }
+
+/** Options of {@linkcode watchRedis}. */
+export interface RedisWatchOptions {
+  /** Told on every change between reachable (`true`) and not (`false`), with why not. */
+  onChange?: (up: boolean, reason: string) => void;
+}
+
+/** Whether a set of connections to one Redis are all ready; see {@linkcode watchRedis}. */
+export interface RedisWatch {
+  /** True while every connection is ready. */
+  readonly up: boolean;
+  /** Why Redis is not reachable (the last connection error, or the connections' states). */
+  readonly reason: string;
+  /** Resolves once every connection is ready (rejects when `signal` aborts). */
+  untilUp(signal?: AbortSignal): Promise<void>;
+  /** Stops watching (the connections' errors are still swallowed: close them next). */
+  close(): void;
+}
+
+/**
+ * Follows `connections` (to one Redis) and calls `onChange` once per change between "all ready"
+ * and "not all ready": a Redis that refuses every reconnect for an hour is one change, not one per
+ * attempt. Starts as neither, so the first state (ready, or a failed first attempt) is a change
+ * too. Closing the watch leaves a pending {@linkcode RedisWatch.untilUp} to its signal.
+ *
+ * @example
+ * ```ts
+ * const redis = createRedis("redis://localhost:6379");
+ * const watch = watchRedis([redis], { onChange: (up, reason) => console.log(up, reason) });
+ * redis.connect().catch(() => {}); // ioredis keeps reconnecting after a refused first connect
+ * await watch.untilUp();
+ * watch.close();
+ * await closeRedis(redis);
+ * ```
+ */
+export function watchRedis(connections: Redis[], options: RedisWatchOptions = {}): RedisWatch {
+  let known: boolean | undefined;
+  let lastError = "";
+  let changed = Promise.withResolvers<void>();
+  const allReady = () => connections.every((c) => c.status === "ready");
+  const reason = () => {
+    if (lastError) return lastError;
+    const status = connections.find((c) => c.status !== "ready")?.status ?? "ready";
+    return ["close", "reconnecting", "end"].includes(status)
+      ? "the connection was closed"
+      : `connection ${status}`;
+  };
+  const update = () => {
+    const up = allReady();
+    if (up) lastError = "";
+    if (up === known) return;
+    // Before the first attempt has failed, "not ready yet" is no news.
+    if (known === undefined && !up && !lastError) return;
+    known = up;
+    options.onChange?.(up, up ? "" : reason());
+    changed.resolve();
+    changed = Promise.withResolvers<void>();
+  };
+  let closed = false;
+  const onError = (error: Error) => {
+    if (closed) return; // still listening: ioredis prints errors nobody listens to
+    lastError = error.message.split("\n")[0];
+    update();
+  };
+  const onEvent = () => {
+    if (!closed) update();
+  };
+  const events = ["ready", "close", "end", "reconnecting"] as const;
+  for (const connection of connections) {
+    connection.on("error", onError);
+    for (const event of events) connection.on(event, onEvent);
+  }
+  return {
+    get up() {
+      return allReady();
+    },
+    get reason() {
+      return reason();
+    },
+    async untilUp(signal) {
+      while (!allReady()) {
+        signal?.throwIfAborted();
+        const next = changed.promise;
+        await (signal
+          ? new Promise<void>((resolve, reject) => {
+            const onAbort = () => reject(signal.reason);
+            signal.addEventListener("abort", onAbort, { once: true });
+            next.then(() => {
+              signal.removeEventListener("abort", onAbort);
+              resolve();
+            });
+          })
+          : next);
+      }
+    },
+    close() {
+      closed = true;
+      for (const connection of connections) {
+        for (const event of events) connection.off(event, onEvent);
+      }
+    },
+  };
+}

@@ -10,13 +10,13 @@ import { redactUrl, type Settings } from "./config.ts";
 import { Consumer, type ConsumerEvents } from "./consumer.ts";
 import { CoreApiClient } from "./core_api.ts";
 import { JobLedger } from "./ledger.ts";
-import { type CompletionEvent, LLMClient } from "./llm.ts";
+import { type CompletionEvent, LLMClient, type LLMError, toLLMError } from "./llm.ts";
 import { type HttpServer, type Readiness, startHttpServer } from "./http.ts";
-import { describeError, logger } from "./log.ts";
+import { logger } from "./log.ts";
 import { WorkerMetrics } from "./metrics.ts";
 import { ModelGateway, ModelHealth } from "./model.ts";
-import { closeRedis, createRedis } from "./redis.ts";
-import { GROUP, JOB_STREAMS } from "./streams.ts";
+import { closeRedis, createRedis, watchRedis } from "./redis.ts";
+import { GROUP, JOB_STREAMS, STREAM_OF } from "./streams.ts";
 
 /** Options of {@linkcode createWorker} besides the settings. */
 export interface WorkerOptions {
@@ -52,7 +52,11 @@ export interface Worker {
   readonly http: HttpServer | undefined;
   /** What `/readyz` answers now. */
   readiness(): Readiness;
-  /** Starts the listener, connects, starts consuming and logs one line saying so. */
+  /**
+   * Starts the listener (throws when its port cannot be bound), probes the model server, waits
+   * for Redis as long as it takes (until {@linkcode Worker.close}), then starts consuming and
+   * logs one line saying so.
+   */
   start(): Promise<void>;
   /** Stops consuming (graceful drain) and closes every connection. Idempotent. */
   close(): Promise<void>;
@@ -73,23 +77,32 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
   const connectionName = settings.workerConsumerName;
   const redis = createRedis(settings.redisUrl, { connectionName, autoPipelining: true });
   const reader = createRedis(settings.redisUrl, { connectionName });
-  let lastRedisError = 0;
-  for (const connection of [redis, reader]) {
-    connection.on("error", (error: Error) => {
-      if (Date.now() - lastRedisError < 10_000) return;
-      lastRedisError = Date.now();
-      log.warn("Redis at {url}: {message}. Reconnecting.", {
-        url: redactUrl(settings.redisUrl),
-        message: describeError(error),
-      });
-    });
-  }
+  const redisUrl = redactUrl(settings.redisUrl);
+  let redisLost = false;
+  const redisWatch = watchRedis([redis, reader], {
+    onChange: (up, reason) => {
+      if (!up) {
+        redisLost = true;
+        log.warn(
+          "Redis at {url} is not reachable: {reason}. Waiting for it (retrying every 0.2 to 2 s); /readyz answers 503 until it is back.",
+          { url: redisUrl, reason },
+        );
+      } else if (redisLost) {
+        log.info("Redis at {url} answers again.", { url: redisUrl });
+      }
+    },
+  });
+  /** Aborted by `close()`: a start still waiting for Redis gives up. */
+  const closing = new AbortController();
   const metrics: WorkerMetrics = new WorkerMetrics({
     jobsInFlight: () => consumer.inFlight,
     jobsHeld: () => consumer.held,
     modelRequestsInFlight: () => model.inFlight,
     modelAvailable: () => health.available,
     redis,
+    streams: JOB_STREAMS,
+    jobTypes: Object.keys(STREAM_OF),
+    models: [...new Set([settings.llmTextModel, settings.llmVisionModel])],
   });
   const llm = new LLMClient({
     baseUrl: settings.llmBaseUrl,
@@ -124,22 +137,20 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     events: combineEvents(metrics.events, options.events),
   });
   const readiness = (): Readiness => {
-    if (!consumer.running) {
-      return {
-        ready: false,
-        reason: closed ? "the worker is stopping" : "the consumer is not running",
-      };
+    const answer = (ready: boolean, reason?: string): Readiness => {
+      const readiness: Readiness = { ready };
+      if (reason) readiness.reason = reason;
+      if (!health.available) {
+        readiness.detail = `the model server does not answer, jobs wait for it: ${health.reason}`;
+      }
+      return readiness;
+    };
+    if (closed) return answer(false, "the worker is stopping");
+    if (!redisWatch.up) {
+      return answer(false, `Redis at ${redisUrl} is not reachable (${redisWatch.reason})`);
     }
-    const down = [redis, reader].find((c) => c.status !== "ready");
-    if (down) {
-      return {
-        ready: false,
-        reason: `Redis at ${
-          redactUrl(settings.redisUrl)
-        } is not reachable (connection ${down.status})`,
-      };
-    }
-    return { ready: true };
+    if (!consumer.running) return answer(false, "the worker is starting");
+    return answer(true);
   };
   let http: HttpServer | undefined;
   let closed: Promise<void> | undefined;
@@ -166,8 +177,20 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
           }),
         });
       }
-      const probe = probeModel(llm);
-      await Promise.all([redis.connect(), reader.connect()]);
+      // The model's health follows this probe at once (the gauge, /readyz), Redis or not.
+      const probe = probeModel(llm, closing.signal).then((problem) => {
+        if (problem?.kind === "unavailable") health.reportFailure(problem);
+        return problem;
+      });
+      // A refused first connect rejects, but ioredis goes on trying (backing off to 2 s): the
+      // worker waits for Redis as it does after losing it later.
+      for (const connection of [redis, reader]) connection.connect().catch(() => {});
+      try {
+        await redisWatch.untilUp(closing.signal);
+      } catch (error) {
+        if (closing.signal.aborted) return;
+        throw error;
+      }
       await consumer.start();
       const modelProblem = await probe;
       log.info(
@@ -182,7 +205,7 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
           baseUrl: settings.llmBaseUrl,
           modelStatus: modelProblem === undefined
             ? "the model server answered"
-            : `the model server did not answer: ${modelProblem} Jobs wait until it does`,
+            : `the model server did not answer: ${modelProblem.message} Jobs wait until it does`,
           modelAnswered: modelProblem === undefined,
           httpStatus: http ? `on port ${http.port}` : "listener off",
           httpPort: http?.port ?? null,
@@ -191,6 +214,8 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     },
     close() {
       closed ??= (async () => {
+        closing.abort(new Error("the worker is closing"));
+        redisWatch.close();
         await consumer.stop();
         await health.close();
         llm.close();
@@ -213,11 +238,11 @@ function combineEvents(...all: Array<ConsumerEvents | undefined>): ConsumerEvent
 }
 
 /** Asks the model server once; resolves with why it did not answer, or `undefined` when it did. */
-async function probeModel(llm: LLMClient): Promise<string | undefined> {
+async function probeModel(llm: LLMClient, signal: AbortSignal): Promise<LLMError | undefined> {
   try {
-    await llm.probe();
+    await llm.probe(signal);
     return undefined;
   } catch (error) {
-    return describeError(error);
+    return toLLMError(error);
   }
 }

@@ -33,6 +33,8 @@ export function freePort(): number {
 
 /** Options of {@linkcode startRedis}. */
 export interface StartRedisOptions {
+  /** The port to listen on (default: a free one). */
+  port?: number;
   /** Turn on append-only persistence (data survives `restart()`). */
   appendOnly?: boolean;
   /**
@@ -52,7 +54,7 @@ export interface StartRedisOptions {
  * ```
  */
 export async function startRedis(options: StartRedisOptions = {}): Promise<PrivateRedis> {
-  const port = freePort();
+  const port = options.port ?? freePort();
   const dir = await Deno.makeTempDir({ prefix: "llm-worker-redis-" });
   let child: Deno.ChildProcess | undefined;
 

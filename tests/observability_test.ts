@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { loadSettings } from "../lib/config.ts";
 import { type CompletionEvent, LLMClient } from "../lib/llm.ts";
 import { ModelGateway } from "../lib/model.ts";
+import { JOB_STREAMS, STREAM_OF } from "../lib/streams.ts";
 import { startModelServer } from "./helpers/model_server.ts";
 import { defaultReply, startStack } from "./helpers/stack.ts";
 
@@ -93,7 +94,30 @@ Deno.test("/metrics: counters move as jobs complete, fail and are dead-lettered"
   };
 
   const before = await scrape();
-  assert.equal(sample(before, "llm_worker_jobs_total", { job_type: "followup" }), undefined);
+  // Every known label set is there from the start, at 0: `increase()` sees the first event.
+  for (const jobType of Object.keys(STREAM_OF)) {
+    for (const outcome of ["completed", "failed", "unrecorded", "skipped"]) {
+      assert.equal(sample(before, "llm_worker_jobs_total", { job_type: jobType, outcome }), 0);
+    }
+    for (const kind of ["invalid", "unavailable", "error", "abandoned"]) {
+      assert.equal(sample(before, "llm_worker_retries_total", { job_type: jobType, kind }), 0);
+    }
+  }
+  for (const stream of JOB_STREAMS) {
+    assert.equal(sample(before, "llm_worker_dead_lettered_total", { stream }), 0);
+  }
+  for (const kind of ["prompt", "completion"]) {
+    assert.equal(sample(before, "llm_worker_model_tokens_total", { model: "mistral", kind }), 0);
+  }
+  // prom-client's process metrics, those Deno can measure under the start task's permissions.
+  const startTime = sample(before, "process_start_time_seconds") ?? NaN;
+  assert.ok(Math.abs(startTime - Date.now() / 1000) < 600, `process start time ${startTime}`);
+  assert.ok((sample(before, "process_cpu_seconds_total") ?? 0) > 0);
+  assert.ok(
+    (sample(before, "process_resident_memory_bytes") ?? 0) > 10_000_000,
+    "resident memory",
+  );
+  assert.ok(!/NaN|Nan/.test(before), "no metric reads NaN");
   assert.equal(sample(before, "llm_worker_model_unavailable"), 0);
   assert.equal(sample(before, "llm_worker_jobs_in_flight"), 0);
   assert.equal(sample(before, "llm_worker_pending_entries", { stream: "llm:followup" }), 0);
@@ -157,7 +181,8 @@ Deno.test("/metrics: counters move as jobs complete, fail and are dead-lettered"
   );
   assert.equal(
     sample(after, "llm_worker_jobs_total", { job_type: "task_match", outcome: "retry_invalid" }),
-    1,
+    undefined,
+    "jobs_total counts jobs ended; the retry is in retries_total",
   );
 });
 
@@ -174,7 +199,10 @@ Deno.test("/metrics: the model server going down shows as unavailable, with unav
   let metrics = "";
   await stack.waitFor(async () => {
     metrics = await (await fetch(`${worker.http!.url}/metrics`)).text();
-    return sample(metrics, "llm_worker_retries_total", { job_type: "followup" }) !== undefined;
+    return sample(metrics, "llm_worker_retries_total", {
+      job_type: "followup",
+      kind: "unavailable",
+    }) === 1;
   }, "the job's retry to be counted");
   assert.equal(sample(metrics, "llm_worker_model_unavailable"), 1);
   assert.equal(

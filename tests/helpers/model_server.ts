@@ -63,7 +63,7 @@ export function chatResponse(content: string, model = "test-model"): Response {
 }
 
 /**
- * Starts the server on a free port.
+ * Starts the server on a free port (or on `options.port`, for a server that comes up late).
  *
  * @example
  * ```ts
@@ -73,9 +73,11 @@ export function chatResponse(content: string, model = "test-model"): Response {
  */
 export function startModelServer(
   reply: (request: ChatRequest) => ModelReply | Promise<ModelReply>,
+  options: { port?: number } = {},
 ): ModelServer {
   let answer = reply;
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, async (req) => {
+  const listen = { hostname: "127.0.0.1", port: options.port ?? 0, onListen: () => {} };
+  const server = Deno.serve(listen, async (req) => {
     const url = new URL(req.url);
     if (req.method === "GET" && url.pathname === "/v1/models") {
       return Response.json({ object: "list", data: [{ id: "test-model", object: "model" }] });
