@@ -99,8 +99,14 @@ export interface JobLogContext {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const context = { jobId: "42", jobType: "followup", userId: 1, attempt: 1, waits: 0 };
- * await withJobContext(context, async () => logger("core").debug("Core GET /memories/m1"));
+ * const answer = await withJobContext(context, async () => {
+ *   logger("core").debug("Core GET /memories/m1"); // carries jobId 42 and attempt 1
+ *   return 42;
+ * });
+ * assert.equal(answer, 42);
  * ```
  */
 export function withJobContext<T>(context: JobLogContext, fn: () => T): T {

@@ -82,10 +82,15 @@ export interface RedisWatch {
  *
  * @example
  * ```ts
- * const redis = createRedis("redis://localhost:6379");
- * const watch = watchRedis([redis], { onChange: (up, reason) => console.log(up, reason) });
+ * import assert from "node:assert/strict";
+ *
+ * const redis = createRedis("redis://127.0.0.1:1"); // nothing listens there
+ * const changes: boolean[] = [];
+ * const watch = watchRedis([redis], { onChange: (up) => changes.push(up) });
  * redis.connect().catch(() => {}); // ioredis keeps reconnecting after a refused first connect
- * await watch.untilUp();
+ * await watch.untilUp(AbortSignal.timeout(500)).catch(() => {}); // a few refused attempts
+ * assert.deepEqual(changes, [false]); // one change, not one per attempt
+ * assert.equal(watch.up, false);
  * watch.close();
  * await closeRedis(redis);
  * ```
