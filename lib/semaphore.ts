@@ -1,8 +1,10 @@
 /**
- * A counting semaphore: at most `limit` holders at once, the rest wait in FIFO order.
+ * A counting semaphore: at most `limit` holders at once, the rest wait in FIFO order. It is the
+ * in-process implementation of {@linkcode Slots}.
  *
  * @module
  */
+import type { Release, Slots } from "./slots.ts";
 
 /**
  * Bounds how many things run at once.
@@ -22,7 +24,7 @@
  * assert.equal(most, 2);
  * ```
  */
-export class Semaphore {
+export class Semaphore implements Slots {
   #limit: number;
   #held = 0;
   readonly #waiters: Array<() => void> = [];
@@ -43,12 +45,27 @@ export class Semaphore {
     return this.#waiters.length;
   }
 
-  /** Waits for a slot and returns the function that gives it back (call it exactly once). */
-  async acquire(): Promise<() => void> {
+  /**
+   * Waits for a slot and returns the function that gives it back (later calls do nothing). When
+   * `signal` aborts first, rejects with its reason and takes no slot.
+   */
+  async acquire(signal?: AbortSignal): Promise<Release> {
+    signal?.throwIfAborted();
     if (this.#held < this.#limit) {
       this.#held++;
     } else {
-      await new Promise<void>((resolve) => this.#waiters.push(resolve));
+      await new Promise<void>((resolve, reject) => {
+        const onAbort = () => {
+          this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
+          reject(signal!.reason);
+        };
+        const waiter = () => {
+          signal?.removeEventListener("abort", onAbort);
+          resolve();
+        };
+        this.#waiters.push(waiter);
+        signal?.addEventListener("abort", onAbort, { once: true });
+      });
     }
     let released = false;
     return () => {

@@ -100,3 +100,20 @@ Deno.test("run never lets more than `limit` functions run at once", async () => 
   assert.equal(most, 3);
   assert.equal(slots.held, 0);
 });
+
+Deno.test("a waiter whose signal aborts leaves the queue and takes no slot", async () => {
+  const slots = new Semaphore(1);
+  const release = await slots.acquire();
+  const stop = new AbortController();
+  const aborted = slots.acquire(stop.signal);
+  const next = slots.acquire();
+  assert.equal(slots.waiting, 2);
+  stop.abort(new Error("stopping"));
+  await assert.rejects(aborted, /stopping/);
+  assert.equal(slots.waiting, 1);
+  release(); // the slot passes to `next`, not to the aborted waiter
+  (await next)();
+  assert.equal(slots.held, 0);
+  await assert.rejects(slots.acquire(stop.signal), /stopping/); // aborted before: no slot
+  assert.equal(slots.held, 0);
+});
