@@ -3,7 +3,9 @@
  * validated against the job's zod schema.
  *
  * {@linkcode ModelGateway} holds the model slots (`WORKER_CONCURRENCY` requests in flight at
- * most), sends the answer's JSON schema as `response_format` when the server accepts it, strips
+ * most, then one of the slots shared by every replica when `LLM_MAX_IN_FLIGHT` is set), passes
+ * every request through the {@linkcode RequestGate} (a pause after a 429 with `Retry-After`, the
+ * shared rate limit) right before it is sent, sends the answer's JSON schema as `response_format` when the server accepts it, strips
  * reasoning models' `<think>` text, reads JSON out of chatty answers and tells
  * {@linkcode ModelHealth} whether the server answers.
  *
@@ -15,7 +17,9 @@ import { acceptAnswer, type Repair } from "./accept.ts";
 import { InvalidAnswerError } from "./errors.ts";
 import type { Effects } from "./job.ts";
 import { type ImageSource, type JsonSchemaFormat, type LLMClient, LLMError } from "./llm.ts";
+import type { RequestGate } from "./request_gate.ts";
 import { Semaphore } from "./semaphore.ts";
+import { type Slots, stackSlots } from "./slots.ts";
 import { readJson, sleep, stripThinking } from "./utils.ts";
 import { describeError, logger } from "./log.ts";
 
@@ -66,6 +70,13 @@ export interface ModelGatewayOptions {
   models: Record<ModelRole, string>;
   /** Most requests in flight at once. */
   concurrency: number;
+  /**
+   * Slots shared with other replicas (`LLM_MAX_IN_FLIGHT`), each taken after one of the
+   * `concurrency` slots; default: none.
+   */
+  sharedSlots?: Slots;
+  /** Passed right before every request is sent; told of every 429 with `Retry-After`. */
+  gate?: RequestGate;
   /** `LLM_STRUCTURED_OUTPUT`. */
   structuredOutput?: StructuredOutputMode;
   /** Told about every request's availability; default: none. */
@@ -121,7 +132,8 @@ export class ModelGateway {
   readonly #llm: LLMClient;
   readonly #models: Record<ModelRole, string>;
   // Shared with every view made by forJob (assigned there), hence not readonly.
-  #slots: Semaphore;
+  #slots: Slots;
+  readonly #gate?: RequestGate;
   readonly #mode: StructuredOutputMode;
   readonly #health?: ModelHealth;
   /** Models that refused `response_format: json_schema` (auto mode remembers them). */
@@ -139,7 +151,9 @@ export class ModelGateway {
     this.#options = options;
     this.#llm = options.llm;
     this.#models = options.models;
-    this.#slots = new Semaphore(options.concurrency);
+    const local = new Semaphore(options.concurrency);
+    this.#slots = options.sharedSlots ? stackSlots(local, options.sharedSlots) : local;
+    this.#gate = options.gate;
     this.#mode = options.structuredOutput ?? "auto";
     this.#health = options.health;
   }
@@ -186,9 +200,14 @@ export class ModelGateway {
     return this.#jobType;
   }
 
-  /** Requests in flight now. */
+  /** Requests in flight now (holding every slot they need). */
   get inFlight(): number {
     return this.#slots.held;
+  }
+
+  /** Requests waiting for a slot now. */
+  get waiting(): number {
+    return this.#slots.waiting;
   }
 
   /** The model name used for `role`. */
@@ -285,7 +304,7 @@ export class ModelGateway {
     const model = this.#models[request.role];
     const useSchema = format !== undefined &&
       (this.#mode === "on" || (this.#mode === "auto" && !this.#noSchema.has(model)));
-    const release = await this.#slots.acquire();
+    const release = await cancellable(this.#slots.acquire(request.signal), request.signal);
     try {
       let text: string;
       try {
@@ -328,9 +347,29 @@ export class ModelGateway {
       signal: request.signal,
       jobType: this.#jobType,
     };
-    return request.image
-      ? await this.#llm.completeWithImageSource(model, request.prompt, request.image, options)
-      : await this.#llm.complete(model, request.prompt, options);
+    if (this.#gate) await cancellable(this.#gate.admit(request.signal), request.signal);
+    try {
+      return request.image
+        ? await this.#llm.completeWithImageSource(model, request.prompt, request.image, options)
+        : await this.#llm.complete(model, request.prompt, options);
+    } catch (error) {
+      if (error instanceof LLMError && error.status === 429 && error.retryAfterMs) {
+        this.#gate?.pause(error.retryAfterMs);
+      }
+      throw error;
+    }
+  }
+}
+
+/** `waiting`, with a wait cut short by `signal` thrown as an `aborted` {@linkcode LLMError}. */
+async function cancellable<T>(waiting: Promise<T>, signal?: AbortSignal): Promise<T> {
+  try {
+    return await waiting;
+  } catch (error) {
+    if (signal?.aborted && error === signal.reason) {
+      throw new LLMError("aborted", "The model request was cancelled.", { cause: error });
+    }
+    throw error;
   }
 }
 

@@ -10,6 +10,8 @@ import {
   ModelHealth,
   type RepairEvent,
 } from "../lib/model.ts";
+import type { RequestGate } from "../lib/request_gate.ts";
+import { Semaphore } from "../lib/semaphore.ts";
 import { type ChatRequest, startModelServer } from "./helpers/model_server.ts";
 
 const Tags = z.object({ tags: z.array(z.string()).min(1) });
@@ -248,6 +250,84 @@ Deno.test("a failed request gives its slot back", async () => {
       LLMError,
     );
   }
+  assert.equal(models.inFlight, 0);
+});
+
+Deno.test("shared slots bound requests behind the gateway's own slots", async () => {
+  await using model = startModelServer(async () => {
+    await new Promise((resolve) => setTimeout(resolve, 60));
+    return '{"tags": ["a"]}';
+  });
+  const shared = new Semaphore(2); // stands in for LLM_MAX_IN_FLIGHT's slots
+  const models = gateway(model.url, { concurrency: 3, sharedSlots: shared });
+  const asks = Array.from(
+    { length: 6 },
+    () => models.ask({ role: "text", prompt: "t", schema: Tags, schemaName: "tags" }),
+  );
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.equal(models.inFlight, 2);
+  assert.equal(shared.waiting, 1); // the third local slot's holder; the other three wait locally
+  assert.equal(models.waiting, 4);
+  await Promise.all(asks);
+  assert.equal(model.maxInFlight, 2);
+  assert.equal(models.inFlight + shared.held, 0);
+});
+
+/** A gate that counts what passes and records the pauses asked for. */
+function recordingGate(admit: (signal?: AbortSignal) => Promise<void> = () => Promise.resolve()) {
+  const gate = {
+    admitted: 0,
+    pauses: [] as number[],
+    admit: (signal?: AbortSignal) => admit(signal).then(() => void gate.admitted++),
+    pause: (ms: number) => void gate.pauses.push(ms),
+    untilUnpaused: () => Promise.resolve(),
+  } satisfies RequestGate & Record<string, unknown>;
+  return gate;
+}
+
+Deno.test("every request passes the gate; a 429 with Retry-After pauses it", async () => {
+  let calls = 0;
+  await using model = startModelServer((request) => {
+    calls++;
+    if (calls === 1) {
+      return Response.json({ error: { message: "slow down" } }, {
+        status: 429,
+        headers: { "retry-after": "2" },
+      });
+    }
+    if (calls === 2) return Response.json({ error: { message: "busy" } }, { status: 429 });
+    return noSchemaSupport('{"tags": ["a"]}')(request);
+  });
+  const gate = recordingGate();
+  const models = gateway(model.url, { gate });
+  const ask = () => models.ask({ role: "text", prompt: "t", schema: Tags, schemaName: "tags" });
+  await assert.rejects(ask(), (e) => e instanceof LLMError && e.status === 429);
+  assert.deepEqual(gate.pauses, [2000]);
+  await assert.rejects(ask(), (e) => e instanceof LLMError && e.status === 429);
+  assert.deepEqual(gate.pauses, [2000]); // no Retry-After: no pause
+  assert.deepEqual(await ask(), { tags: ["a"] }); // refused schema, then the fallback
+  assert.equal(gate.admitted, model.requests.length); // the fallback passed the gate too
+  assert.equal(model.requests.length, 4);
+});
+
+Deno.test("a request held at the gate gives up as an aborted LLMError", async () => {
+  await using model = startModelServer(() => '{"tags": ["a"]}');
+  const gate = recordingGate((signal) =>
+    new Promise((_, reject) => signal?.addEventListener("abort", () => reject(signal.reason)))
+  );
+  const models = gateway(model.url, { gate, concurrency: 1 });
+  const stop = new AbortController();
+  const asked = models.ask({
+    role: "text",
+    prompt: "t",
+    schema: Tags,
+    schemaName: "tags",
+    signal: stop.signal,
+  });
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  stop.abort(new Error("stopping"));
+  await assert.rejects(asked, (e) => e instanceof LLMError && e.kind === "aborted");
+  assert.equal(model.requests.length, 0);
   assert.equal(models.inFlight, 0);
 });
 
