@@ -34,6 +34,10 @@ export interface Settings {
   llmPrompts: Partial<Record<JobType, PromptTemplate>>;
   /** Language code for jobs with no user (and users whose settings name none). */
   llmDefaultLanguage: string;
+  /** Most model requests in flight across every replica sharing the Redis; null: no shared cap. */
+  llmMaxInFlight: number | null;
+  /** Most model requests a minute across every replica; null: no limit. */
+  llmMaxRequestsPerMinute: number | null;
   /** Redis URL (`redis://` or `rediss://`). */
   redisUrl: string;
   /** Core REST API base URL. */
@@ -110,6 +114,8 @@ const schema = z.object({
   LLM_DEFAULT_LANGUAGE: z.string().trim().refine((code) => readLanguage(code) !== undefined, {
     message: "expects an ISO 639-1 language code such as en, fr or de",
   }).transform((code) => readLanguage(code)!.code).default("en"),
+  LLM_MAX_IN_FLIGHT: integer(1, 100_000).optional(),
+  LLM_MAX_REQUESTS_PER_MINUTE: integer(1, 1_000_000).optional(),
   REDIS_URL: url(["redis:", "rediss:"]).default("redis://redis:6379"),
   CORE_API_URL: url(["http:", "https:"]).default("http://core:8000"),
   IMAGE_STORAGE_PATH: nonEmpty.default("/data/images"),
@@ -219,6 +225,8 @@ export function loadSettings(env: Record<string, string> = readEnvironment()): S
     llmPromptsDir: v.LLM_PROMPTS_DIR,
     llmPrompts: prompts,
     llmDefaultLanguage: v.LLM_DEFAULT_LANGUAGE,
+    llmMaxInFlight: v.LLM_MAX_IN_FLIGHT ?? null,
+    llmMaxRequestsPerMinute: v.LLM_MAX_REQUESTS_PER_MINUTE ?? null,
     redisUrl: v.REDIS_URL,
     coreApiUrl: v.CORE_API_URL.replace(/\/+$/, ""),
     imageStoragePath: v.IMAGE_STORAGE_PATH,

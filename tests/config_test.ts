@@ -64,6 +64,8 @@ Deno.test("loadSettings gives every variable of the contract its default", () =>
     llmPromptsDir: undefined,
     llmPrompts: {},
     llmDefaultLanguage: "en",
+    llmMaxInFlight: null,
+    llmMaxRequestsPerMinute: null,
     redisUrl: "redis://redis:6379",
     coreApiUrl: "http://core:8000",
     imageStoragePath: "/data/images",
@@ -86,6 +88,8 @@ Deno.test("SETTING_NAMES lists every variable of docs/protocol.md section 5", ()
     "LLM_BASE_URL",
     "LLM_DEFAULT_LANGUAGE",
     "LLM_MAX_INPUT_CHARS",
+    "LLM_MAX_IN_FLIGHT",
+    "LLM_MAX_REQUESTS_PER_MINUTE",
     "LLM_MAX_RETRIES",
     "LLM_PROMPTS_DIR",
     "LLM_STRUCTURED_OUTPUT",
@@ -111,6 +115,8 @@ Deno.test("loadSettings reads every variable", () => {
     LLM_MAX_RETRIES: "3",
     LLM_STRUCTURED_OUTPUT: "off",
     LLM_MAX_INPUT_CHARS: "8000",
+    LLM_MAX_IN_FLIGHT: "32",
+    LLM_MAX_REQUESTS_PER_MINUTE: "500",
     REDIS_URL: "rediss://:pw@cache:6380/2",
     CORE_API_URL: "http://core.internal:9000/",
     IMAGE_STORAGE_PATH: "/srv/images",
@@ -133,6 +139,8 @@ Deno.test("loadSettings reads every variable", () => {
     llmPromptsDir: undefined,
     llmPrompts: {},
     llmDefaultLanguage: "en",
+    llmMaxInFlight: 32,
+    llmMaxRequestsPerMinute: 500,
     redisUrl: "rediss://:pw@cache:6380/2",
     coreApiUrl: "http://core.internal:9000",
     imageStoragePath: "/srv/images",
@@ -256,6 +264,20 @@ Deno.test("LLM_MAX_RETRIES must be a positive whole number", () => {
     assert.match(error.problems[0], /^LLM_MAX_RETRIES=/, bad);
   }
   assert.equal(loadSettings({ LLM_MAX_RETRIES: " 7 " }).llmMaxRetries, 7);
+});
+
+Deno.test("LLM_MAX_IN_FLIGHT and LLM_MAX_REQUESTS_PER_MINUTE take positive whole numbers", () => {
+  for (const name of ["LLM_MAX_IN_FLIGHT", "LLM_MAX_REQUESTS_PER_MINUTE"]) {
+    for (const bad of ["0", "-4", "2.5", "many"]) {
+      const error = settingsError({ [name]: bad });
+      assert.equal(error.problems.length, 1, `${name}=${bad}`);
+      assert.match(error.problems[0], new RegExp(`^${name}="${bad}" expects a whole number`));
+    }
+  }
+  assert.match(settingsError({ LLM_MAX_IN_FLIGHT: "100001" }).message, /up to 100000/);
+  const settings = loadSettings({ LLM_MAX_IN_FLIGHT: "16", LLM_MAX_REQUESTS_PER_MINUTE: "" });
+  assert.equal(settings.llmMaxInFlight, 16);
+  assert.equal(settings.llmMaxRequestsPerMinute, null); // empty: unset, no limit
 });
 
 Deno.test("REDIS_URL accepts redis:// and rediss:// only", () => {
