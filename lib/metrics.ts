@@ -17,6 +17,7 @@ import type { Job } from "./job.ts";
 import type { CompletionEvent } from "./llm.ts";
 import { REPAIRS } from "./accept.ts";
 import type { RepairEvent } from "./model.ts";
+import { DELAY_REASONS, type DelayReason } from "./request_gate.ts";
 import { GROUP, JOB_STREAMS, STREAM_OF } from "./streams.ts";
 
 /** What the gauges read at scrape time. */
@@ -29,6 +30,8 @@ export interface MetricsSources {
   modelRequestsInFlight(): number;
   /** Whether the model server is considered available. */
   modelAvailable(): boolean;
+  /** Model requests waiting for a slot shared by every replica (`LLM_MAX_IN_FLIGHT`). */
+  modelBudgetWaiting?(): number;
   /** The connection used for `XPENDING`; skipped while it is not ready. */
   redis?: Redis;
   /** The streams read: pending entries and dead letters per stream (default: the five). */
@@ -102,6 +105,7 @@ export class WorkerMetrics {
   readonly #retries: Counter<"job_type" | "kind">;
   readonly #deadLettered: Counter<"stream">;
   readonly #repaired: Counter<"job_type" | "repair">;
+  readonly #delayed: Counter<"reason">;
 
   /** Registers every metric; the gauges read `sources` when scraped. */
   constructor(sources: MetricsSources) {
@@ -154,6 +158,14 @@ export class WorkerMetrics {
       labelNames: ["job_type", "repair"],
       registers,
     });
+    this.#delayed = new Counter({
+      name: "llm_worker_model_requests_delayed_total",
+      help:
+        "Model requests that waited before being sent, by reason (rate_limit: LLM_MAX_REQUESTS_PER_MINUTE; paused: a 429 with Retry-After seen by any replica).",
+      labelNames: ["reason"],
+      registers,
+    });
+    for (const reason of DELAY_REASONS) this.#delayed.inc({ reason }, 0);
     // Every series exists from the start, so increase() sees the first sloppy answer.
     for (const jobType of sources.jobTypes ?? Object.keys(STREAM_OF)) {
       for (const repair of REPAIRS) this.#repaired.inc({ job_type: jobType, repair }, 0);
@@ -202,6 +214,15 @@ export class WorkerMetrics {
       registers,
       collect() {
         this.set(sources.modelRequestsInFlight());
+      },
+    });
+    new Gauge({
+      name: "llm_worker_model_budget_waiting",
+      help:
+        "Model requests of this replica waiting for one of the LLM_MAX_IN_FLIGHT slots all replicas share (0 without it).",
+      registers,
+      collect() {
+        this.set(sources.modelBudgetWaiting?.() ?? 0);
       },
     });
     new Gauge({
@@ -277,6 +298,11 @@ export class WorkerMetrics {
   onRepair(event: RepairEvent): void {
     const jobType = event.jobType ?? "none";
     for (const repair of event.repairs) this.#repaired.inc({ job_type: jobType, repair });
+  }
+
+  /** Counts a model request that waited at the gate (give this to the gate's `onDelay`). */
+  onModelDelay(reason: DelayReason): void {
+    this.#delayed.inc({ reason });
   }
 
   /** The Content-Type of {@linkcode WorkerMetrics.metrics}'s text. */

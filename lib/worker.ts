@@ -16,6 +16,8 @@ import { logger } from "./log.ts";
 import { WorkerMetrics } from "./metrics.ts";
 import { ModelGateway, ModelHealth } from "./model.ts";
 import { closeRedis, createRedis, watchRedis } from "./redis.ts";
+import { SharedRequestGate } from "./request_gate.ts";
+import { SharedSlots } from "./shared_slots.ts";
 import { GROUP, JOB_STREAMS, STREAM_OF } from "./streams.ts";
 
 /** Options of {@linkcode createWorker} besides the settings. */
@@ -77,9 +79,11 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
   const connectionName = settings.workerConsumerName;
   const redis = createRedis(settings.redisUrl, { connectionName, autoPipelining: true });
   const reader = createRedis(settings.redisUrl, { connectionName });
+  // The channels of the shared model budget and pause (see lib/shared_slots.ts, request_gate.ts).
+  const subscriber = createRedis(settings.redisUrl, { connectionName });
   const redisUrl = redactUrl(settings.redisUrl);
   let redisLost = false;
-  const redisWatch = watchRedis([redis, reader], {
+  const redisWatch = watchRedis([redis, reader, subscriber], {
     onChange: (up, reason) => {
       if (!up) {
         redisLost = true;
@@ -99,10 +103,22 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     jobsHeld: () => consumer.held,
     modelRequestsInFlight: () => model.inFlight,
     modelAvailable: () => health.available,
+    modelBudgetWaiting: () => sharedSlots?.waiting ?? 0,
     redis,
     streams: JOB_STREAMS,
     jobTypes: Object.keys(STREAM_OF),
     models: [...new Set([settings.llmTextModel, settings.llmVisionModel])],
+  });
+  const owner = settings.workerConsumerName;
+  const sharedSlots = settings.llmMaxInFlight === null
+    ? undefined
+    : new SharedSlots({ redis, subscriber, limit: settings.llmMaxInFlight, owner });
+  const gate = new SharedRequestGate({
+    redis,
+    subscriber,
+    limit: settings.llmMaxRequestsPerMinute ?? undefined,
+    owner,
+    onDelay: (reason) => metrics.onModelDelay(reason),
   });
   const llm = new LLMClient({
     baseUrl: settings.llmBaseUrl,
@@ -114,13 +130,18 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     fetch: options.fetch,
   });
   const health = new ModelHealth({
-    probe: (signal) => llm.probe(signal),
+    probe: async (signal) => {
+      await gate.untilUnpaused(signal); // no probe while the server asked for a pause
+      await llm.probe(signal);
+    },
     onChange: options.onModelAvailability,
   });
   const model = new ModelGateway({
     llm,
     models: { text: settings.llmTextModel, vision: settings.llmVisionModel },
     concurrency: settings.workerConcurrency,
+    sharedSlots,
+    gate,
     structuredOutput: settings.llmStructuredOutput,
     health,
     onRepair: (event) => metrics.onRepair(event),
@@ -184,13 +205,14 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
       });
       // A refused first connect rejects, but ioredis goes on trying (backing off to 2 s): the
       // worker waits for Redis as it does after losing it later.
-      for (const connection of [redis, reader]) connection.connect().catch(() => {});
+      for (const connection of [redis, reader, subscriber]) connection.connect().catch(() => {});
       try {
         await redisWatch.untilUp(closing.signal);
       } catch (error) {
         if (closing.signal.aborted) return;
         throw error;
       }
+      await Promise.all([gate.start(), sharedSlots?.start()]);
       await consumer.start();
       const modelProblem = await probe;
       log.info(
@@ -218,8 +240,9 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
         redisWatch.close();
         await consumer.stop();
         await health.close();
+        await Promise.all([sharedSlots?.close(), gate.close()]);
         llm.close();
-        await Promise.all([redis, reader].map(closeRedis));
+        await Promise.all([redis, reader, subscriber].map(closeRedis));
         await http?.close();
       })();
       return closed;
