@@ -87,6 +87,30 @@ Deno.test("a slot given back wakes a waiter on another replica at once", async (
   }
 });
 
+Deno.test("replicas are served first come, first served", async () => {
+  await using server = await startRedis();
+  const a = await replica(server.url, { limit: 1, owner: "a" });
+  const b = await replica(server.url, { limit: 1, owner: "b" });
+  try {
+    const order: string[] = [];
+    let release = await a.slots.acquire();
+    const waitingB = b.slots.acquire().then((r) => (order.push("b"), r));
+    await pause(20);
+    release();
+    // `a` asks again at once, after `b`: the slot goes to `b` first.
+    const againA = a.slots.acquire().then((r) => (order.push("a"), r));
+    release = await waitingB;
+    await pause(50);
+    assert.deepEqual(order, ["b"]);
+    release();
+    (await againA)();
+    assert.deepEqual(order, ["b", "a"]);
+  } finally {
+    await a.close();
+    await b.close();
+  }
+});
+
 Deno.test("a holder that stops refreshing gives its slot back within its lease", async () => {
   await using server = await startRedis();
   const leaseMs = 1000;
