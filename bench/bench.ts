@@ -3,7 +3,7 @@
  *
  * Starts a private Redis, a fake OpenAI-compatible model server (`testing/fake_model.ts`) with a
  * fixed latency and the Core emulator (request log off), then runs the real worker as its own
- * process, exactly as `deno task start` does, and measures five scenarios. In the same run a bare
+ * process, exactly as `deno task start` does, and measures six scenarios. In the same run a bare
  * client (`bench/bare_client.ts`: the worker's model client alone, same concurrency, same requests,
  * no Redis or Core) gives the ceiling, and throughput targets are shares of it
  * (`bench/report.ts`). Prints a table; a full run writes `bench/results.json` and renders the
@@ -49,7 +49,8 @@ const { values: flags } = parseArgs({
   args: Deno.args,
   options: { only: { type: "string" }, scale: { type: "string" }, render: { type: "boolean" } },
 });
-const only = new Set((flags.only ?? "1,2,3,4,5").split(",").map((s) => s.trim()));
+const ALL = "1,2,3,4,5,6";
+const only = new Set((flags.only ?? ALL).split(",").map((s) => s.trim()));
 const scale = Number(flags.scale ?? "1");
 const n = (count: number) => Math.max(10, Math.round(count * scale));
 
@@ -148,7 +149,11 @@ function bareThroughput(
   }, v8Flags);
 }
 
-async function startWorker(concurrency: number, v8Flags: string): Promise<WorkerProcess> {
+async function startWorker(
+  concurrency: number,
+  v8Flags: string,
+  env: Record<string, string> = {},
+): Promise<WorkerProcess> {
   const worker = startWorkerProcess({
     REDIS_URL: redis.url,
     LLM_BASE_URL: model.url,
@@ -157,6 +162,7 @@ async function startWorker(concurrency: number, v8Flags: string): Promise<Worker
     WORKER_CONCURRENCY: String(concurrency),
     WORKER_SHUTDOWN_TIMEOUT_MS: "5000",
     LOG_LEVEL: "warning",
+    ...env,
   }, { extraArgs: Deno.env.get("BENCH_WORKER_ARGS")?.split(" ").filter(Boolean), v8Flags });
   // Ready once it has joined the group on the last stream it reads at start.
   const deadline = Date.now() + 60_000;
@@ -180,7 +186,7 @@ interface Costs {
   coreCalls: number;
   /** Requests the model received. */
   modelCalls: number;
-  /** CPU time of the worker process (ms). */
+  /** CPU time of the worker processes (ms). */
   workerCpuMs: number;
   /** CPU time of the bench process: fake model, Core emulator, publishing (ms). */
   benchCpuMs: number;
@@ -203,13 +209,15 @@ async function redisInfo(): Promise<{ commands: number; cpuMs: number }> {
   };
 }
 
-async function snapshot(worker: WorkerProcess): Promise<Costs> {
+async function snapshot(workers: WorkerProcess[]): Promise<Costs> {
   const redisNow = await redisInfo();
+  let workerCpuMs = 0;
+  for (const worker of workers) workerCpuMs += await processCpuMs(worker.pid);
   return {
     redisCommands: redisNow.commands,
     coreCalls,
     modelCalls: model.requests,
-    workerCpuMs: await processCpuMs(worker.pid),
+    workerCpuMs,
     benchCpuMs: await processCpuMs(Deno.pid),
     redisCpuMs: redisNow.cpuMs,
   };
@@ -230,8 +238,9 @@ function describeCosts(c: Costs): string {
 /** Seeds, publishes and waits for every job to end; resolves with the wall time and failures. */
 async function runJobs(
   jobs: WorkloadJob[],
-  worker: WorkerProcess,
+  worker: WorkerProcess | WorkerProcess[],
 ): Promise<{ elapsedMs: number; failed: number; costs: Costs }> {
+  const workers = Array.isArray(worker) ? worker : [worker];
   seedCore(core, jobs);
   let ended = 0;
   let failed = 0;
@@ -246,11 +255,15 @@ async function runJobs(
   const stall = setInterval(() => {
     if (Date.now() - lastProgress > 60_000) {
       done.reject(
-        new Error(`no job ended for 60 s (${ended}/${jobs.length}):\n${worker.output()}`),
+        new Error(
+          `no job ended for 60 s (${ended}/${jobs.length}):\n${
+            workers.map((w) => w.output()).join("\n")
+          }`,
+        ),
       );
     }
   }, 1_000);
-  const before = await snapshot(worker);
+  const before = await snapshot(workers);
   const started = performance.now();
   try {
     await publish(client, jobs);
@@ -259,7 +272,7 @@ async function runJobs(
     clearInterval(stall);
   }
   const elapsedMs = performance.now() - started;
-  return { elapsedMs, failed, costs: perJob(before, await snapshot(worker), jobs.length) };
+  return { elapsedMs, failed, costs: perJob(before, await snapshot(workers), jobs.length) };
 }
 
 function bareRequests(jobs: WorkloadJob[]): BareRequest[] {
@@ -311,24 +324,38 @@ async function runBare(
   return { elapsedMs: result.elapsedMs, peakRss };
 }
 
-async function withWorker<T>(
+function withWorker<T>(
   concurrency: number,
   run: (w: WorkerProcess) => Promise<T>,
   v8Flags = START_V8_FLAGS,
 ) {
+  return withWorkers(1, concurrency, {}, ([worker]) => run(worker), v8Flags);
+}
+
+/** Runs `run` with `count` worker processes (replicas) started with `env`, then stops them. */
+async function withWorkers<T>(
+  count: number,
+  concurrency: number,
+  env: Record<string, string>,
+  run: (workers: WorkerProcess[]) => Promise<T>,
+  v8Flags = START_V8_FLAGS,
+) {
   await client.flushall();
   resetState();
-  const worker = await startWorker(concurrency, v8Flags);
+  const workers: WorkerProcess[] = [];
   try {
-    return await run(worker);
+    for (let i = 0; i < count; i++) workers.push(await startWorker(concurrency, v8Flags, env));
+    return await run(workers);
   } finally {
-    const status = await worker.kill("SIGTERM");
-    const logTo = Deno.env.get("BENCH_WORKER_LOG"); // e.g. with BENCH_WORKER_ARGS=--v8-flags=--trace-gc
-    if (logTo) {
-      const heading = `=== worker at concurrency ${concurrency}, ${describeFlags(v8Flags)}\n`;
-      await Deno.writeTextFile(logTo, heading + worker.output(), { append: true });
+    for (const worker of workers) {
+      const status = await worker.kill("SIGTERM");
+      const logTo = Deno.env.get("BENCH_WORKER_LOG"); // e.g. with BENCH_WORKER_ARGS=--v8-flags=--trace-gc
+      if (logTo) {
+        const heading = `=== worker at concurrency ${concurrency}, ${describeFlags(v8Flags)}\n`;
+        await Deno.writeTextFile(logTo, heading + worker.output(), { append: true });
+      }
+      if (!status.success) console.error(`worker exited with ${status.code}:\n${worker.output()}`);
     }
-    if (!status.success) console.error(`worker exited with ${status.code}:\n${worker.output()}`);
   }
 }
 
@@ -544,6 +571,48 @@ async function perUser(): Promise<void> {
   });
 }
 
+/**
+ * 6: three replicas sharing one model budget (`LLM_MAX_IN_FLIGHT=32`, each at
+ * `WORKER_CONCURRENCY=32`), 100 ms model, 1 MB images as in run 1: what sharing the slots through
+ * Redis costs, against the bare client at concurrency 32.
+ */
+async function sharedBudget(): Promise<void> {
+  const images = await writeImages(imageDir, 16, 1024 * 1024);
+  const replicas = 3;
+  const budget = 32;
+  latencyMs = 100;
+  const jobs = workload(n(2000), { images });
+  const warmup = workload(2 * budget, { images });
+  log(
+    `6. shared budget: ${jobs.length} jobs, 100 ms, ${replicas} replicas sharing ${budget} slots`,
+  );
+  const env = { LLM_MAX_IN_FLIGHT: String(budget) };
+  const [{ result, most }, latency] = await measuringLatency(() =>
+    withWorkers(replicas, budget, env, async (workers) => {
+      await runJobs(warmup, workers);
+      model.maxInFlight = 0;
+      const result = await runJobs(jobs, workers);
+      return { result, most: model.maxInFlight };
+    })
+  );
+  const [bare, bareLatency] = await measuringLatency(() =>
+    bareThroughput(budget, warmup, jobs, START_V8_FLAGS)
+  );
+  rows.push({
+    scenario: "6 shared budget",
+    figure: `throughput (${replicas} replicas sharing LLM_MAX_IN_FLIGHT=${budget}, 100 ms model, ` +
+      "2000 users, 1 MB images)",
+    unit: "jobs/s",
+    worker: round(jobs.length / (result.elapsedMs / 1000)),
+    bare: round(jobs.length / (bare.elapsedMs / 1000)),
+    ideal: budget / 0.1,
+    note:
+      `${result.failed} failed; the model's most requests in flight ${most}; the fake model's mean latency ${latency} ms (bare client: ${bareLatency} ms); ${
+        describeCosts(result.costs)
+      } (CPU of all three workers)`,
+  });
+}
+
 // ----------------------------------------------------------------------------------- the run
 
 const began = performance.now();
@@ -557,6 +626,7 @@ try {
   if (only.has("2")) await overhead();
   if (only.has("3")) await pickUp();
   if (only.has("4")) await perUser();
+  if (only.has("6")) await sharedBudget();
   const info = await machineInfo();
   const speed = await gauge.finish();
   const results: BenchResults = {
@@ -573,7 +643,7 @@ try {
     if (row.note) console.log(`- ${row.scenario}, ${row.figure}: ${row.note}`);
   }
   console.log(`\n(${results.durationS} s)`);
-  if (scale === 1 && only.size === 5) {
+  if (scale === 1 && [...only].sort().join(",") === ALL) {
     await Deno.writeTextFile(RESULTS, `${JSON.stringify(results, null, 2)}\n`);
     await renderReadmes(results);
     console.log("Wrote bench/results.json and rendered bench/README.md and README.md from it.");

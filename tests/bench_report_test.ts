@@ -55,6 +55,19 @@ Deno.test("verdict: run 1 must reach 0.97 of the bare client in the same run", (
   assert.equal(verdict({ ...run1(150, 152), ideal: 320 })?.met, true);
 });
 
+Deno.test("verdict: run 6, three replicas sharing 32 slots, must reach 0.95 of the bare client", () => {
+  const run6 = (worker: number, bare: number): BenchRow => ({
+    scenario: "6 shared budget",
+    figure: "throughput (3 replicas sharing LLM_MAX_IN_FLIGHT=32, 100 ms model, 2000 users)",
+    unit: "jobs/s",
+    worker,
+    bare,
+    ideal: 320,
+  });
+  assert.deepEqual(verdict(run6(291, 306)), { target: "≥ 0.95 × bare", met: true }); // 0.951
+  assert.deepEqual(verdict(run6(290, 306)), { target: "≥ 0.95 × bare", met: false }); // 0.948
+});
+
 Deno.test("verdict: run 2 at c=64 is judged as a share of the bare client, not in jobs/s", () => {
   assert.deepEqual(verdict(overhead(64, 700, 2650)), { target: "≥ 0.26 × bare", met: true });
   assert.equal(verdict(overhead(64, 2000, 8000))?.met, false); // 0.25, however fast
