@@ -216,12 +216,15 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
       await consumer.start();
       const modelProblem = await probe;
       log.info(
-        "LLM worker {consumer} started: reading {streams} in group {group}, concurrency {concurrency}, text model {textModel}, vision model {visionModel} at {baseUrl} ({modelStatus}); health and metrics {httpStatus}.",
+        "LLM worker {consumer} started: reading {streams} in group {group}, concurrency {concurrency}{shared}, text model {textModel}, vision model {visionModel} at {baseUrl} ({modelStatus}); health and metrics {httpStatus}.",
         {
           consumer: settings.workerConsumerName,
           streams: JOB_STREAMS.join(", "),
           group: GROUP,
           concurrency: settings.workerConcurrency,
+          shared: sharedLimits(settings),
+          maxInFlight: settings.llmMaxInFlight,
+          maxRequestsPerMinute: settings.llmMaxRequestsPerMinute,
           textModel: settings.llmTextModel,
           visionModel: settings.llmVisionModel,
           baseUrl: settings.llmBaseUrl,
@@ -258,6 +261,15 @@ function combineEvents(...all: Array<ConsumerEvents | undefined>): ConsumerEvent
     jobEnded: (job, outcome, ms) => list.forEach((e) => e.jobEnded?.(job, outcome, ms)),
     deadLettered: (stream, reason) => list.forEach((e) => e.deadLettered?.(stream, reason)),
   };
+}
+
+/** What the start line says of the limits shared with other replicas ("" when none is set). */
+function sharedLimits(settings: Settings): string {
+  const limits = [
+    settings.llmMaxInFlight === null ? "" : `${settings.llmMaxInFlight} in flight`,
+    settings.llmMaxRequestsPerMinute === null ? "" : `${settings.llmMaxRequestsPerMinute} a minute`,
+  ].filter(Boolean);
+  return limits.length ? ` (model requests across replicas: ${limits.join(", ")})` : "";
 }
 
 /** Asks the model server once; resolves with why it did not answer, or `undefined` when it did. */
