@@ -1,6 +1,6 @@
 /**
  * `deno task dead list | show ID | requeue ID…|--all | drop ID…|--all [--yes]`: the operator's
- * tool for `llm:dead`, the malformed entries the worker kept (CONTRACT.md section 1).
+ * tool for `llm:dead`, the malformed entries the worker kept (docs/protocol.md section 1).
  *
  * - `list [--limit N]`: the dead letters, oldest first: id, age, stream, job id, reason.
  * - `show ID`: one dead letter with its original fields (`data` pretty-printed when JSON).

@@ -1,6 +1,6 @@
 /**
  * Dead letters: reading, re-queueing and deleting the entries the consumer copied to `llm:dead`
- * (CONTRACT.md section 1), for the operator tool `deno task dead`.
+ * (docs/protocol.md section 1), for the operator tool `deno task dead`.
  *
  * Invariants: a re-queue publishes the entry's original fields to its original stream and
  * deletes the dead letter in one Lua script, so a crash or a second operator never loses the

@@ -1,5 +1,5 @@
 /**
- * The user's language (CONTRACT.md section 3: `GET /settings/{user_id}` answers `language`, an
+ * The user's language (docs/protocol.md section 3: `GET /settings/{user_id}` answers `language`, an
  * ISO 639-1 code, `en` by default): read once per job with the timezone, and named in English in
  * the prompts ("write the question in French").
  *
