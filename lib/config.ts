@@ -38,6 +38,8 @@ export interface Settings {
   llmMaxInFlight: number | null;
   /** Most model requests a minute across every replica; null: no limit. */
   llmMaxRequestsPerMinute: number | null;
+  /** A second OpenAI-compatible server used while the first is unavailable, when set. */
+  llmFallback?: FallbackSettings;
   /** Redis URL (`redis://` or `rediss://`). */
   redisUrl: string;
   /** Core REST API base URL. */
@@ -58,6 +60,18 @@ export interface Settings {
   logLevel: "debug" | "info" | "warning" | "error";
   /** Log line format (`LOG_FORMAT=pretty` is read as `text`). */
   logFormat: "text" | "json";
+}
+
+/** The fallback model server (`LLM_FALLBACK_*`); its models default to the primary's names. */
+export interface FallbackSettings {
+  /** `LLM_FALLBACK_BASE_URL`. */
+  baseUrl: string;
+  /** `LLM_FALLBACK_API_KEY`; never logged. */
+  apiKey: string;
+  /** `LLM_FALLBACK_TEXT_MODEL`. */
+  textModel: string;
+  /** `LLM_FALLBACK_VISION_MODEL`. */
+  visionModel: string;
 }
 
 /** Thrown by {@linkcode loadSettings}; its message names every bad variable. */
@@ -116,6 +130,10 @@ const schema = z.object({
   }).transform((code) => readLanguage(code)!.code).default("en"),
   LLM_MAX_IN_FLIGHT: integer(1, 100_000).optional(),
   LLM_MAX_REQUESTS_PER_MINUTE: integer(1, 1_000_000).optional(),
+  LLM_FALLBACK_BASE_URL: url(["http:", "https:"]).optional(),
+  LLM_FALLBACK_API_KEY: nonEmpty.default("not-needed"),
+  LLM_FALLBACK_TEXT_MODEL: nonEmpty.optional(),
+  LLM_FALLBACK_VISION_MODEL: nonEmpty.optional(),
   REDIS_URL: url(["redis:", "rediss:"]).default("redis://redis:6379"),
   CORE_API_URL: url(["http:", "https:"]).default("http://core:8000"),
   IMAGE_STORAGE_PATH: nonEmpty.default("/data/images"),
@@ -199,7 +217,7 @@ export function loadSettings(env: Record<string, string> = readEnvironment()): S
   const parsed = schema.safeParse(raw);
   const problems = parsed.success ? [] : parsed.error.issues.map((issue) => {
     const name = String(issue.path[0]);
-    const shown = name === "LLM_API_KEY" ? "(hidden)" : JSON.stringify(raw[name] ?? "");
+    const shown = name.endsWith("_API_KEY") ? "(hidden)" : JSON.stringify(raw[name] ?? "");
     return `${name}=${shown} ${issue.message}`;
   });
   let prompts: Partial<Record<JobType, PromptTemplate>> = {};
@@ -227,6 +245,12 @@ export function loadSettings(env: Record<string, string> = readEnvironment()): S
     llmDefaultLanguage: v.LLM_DEFAULT_LANGUAGE,
     llmMaxInFlight: v.LLM_MAX_IN_FLIGHT ?? null,
     llmMaxRequestsPerMinute: v.LLM_MAX_REQUESTS_PER_MINUTE ?? null,
+    llmFallback: v.LLM_FALLBACK_BASE_URL === undefined ? undefined : {
+      baseUrl: v.LLM_FALLBACK_BASE_URL,
+      apiKey: v.LLM_FALLBACK_API_KEY,
+      textModel: v.LLM_FALLBACK_TEXT_MODEL ?? v.LLM_TEXT_MODEL,
+      visionModel: v.LLM_FALLBACK_VISION_MODEL ?? v.LLM_VISION_MODEL,
+    },
     redisUrl: v.REDIS_URL,
     coreApiUrl: v.CORE_API_URL.replace(/\/+$/, ""),
     imageStoragePath: v.IMAGE_STORAGE_PATH,
@@ -245,6 +269,7 @@ export function redactSettings(settings: Settings): Settings {
   return {
     ...settings,
     llmApiKey: settings.llmApiKey ? "***" : "",
+    llmFallback: settings.llmFallback && { ...settings.llmFallback, apiKey: "***" },
     redisUrl: redactUrl(settings.redisUrl),
   };
 }

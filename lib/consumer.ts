@@ -19,7 +19,7 @@ import type { JobType } from "./job.ts";
 import type { JobLedger } from "./ledger.ts";
 import { EntryLeases } from "./leases.ts";
 import { describeError, logger } from "./log.ts";
-import type { ModelGateway, ModelHealth } from "./model.ts";
+import type { ModelAvailability, ModelGateway } from "./model.ts";
 import { StreamReader } from "./reader.ts";
 import { type ConsumerEvents, JobRunner } from "./runner.ts";
 import { JobScheduler } from "./scheduler.ts";
@@ -43,8 +43,8 @@ export interface ConsumerOptions {
   core: CoreApiClient;
   /** The model. */
   model: ModelGateway;
-  /** Whether the model server answers. */
-  health: ModelHealth;
+  /** Whether a model server answers (the primary or, when there is one, the fallback). */
+  health: ModelAvailability;
   /** Handlers by job type (default: the five of `lib/handlers`). */
   handlers?: Readonly<Record<JobType, JobHandler>>;
   /** Observers. */

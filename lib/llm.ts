@@ -151,6 +151,8 @@ export interface CompletionEvent {
   completion?: Completion;
   /** The job type the request was for, when the caller said. */
   jobType?: string;
+  /** Which server answered: the client's `name` (`primary` unless set). */
+  server: string;
 }
 
 /** Options of {@linkcode LLMClient}. */
@@ -169,6 +171,8 @@ export interface LLMClientOptions {
   onCompletion?: (event: CompletionEvent) => void;
   /** The `fetch` the SDK uses (tests, tracing). */
   fetch?: typeof fetch;
+  /** Which server this is in logs and events: `primary` (default) or `fallback`. */
+  name?: string;
 }
 
 /**
@@ -202,9 +206,12 @@ export class LLMClient {
   readonly #temperature: number;
   readonly #onCompletion?: (event: CompletionEvent) => void;
   readonly #fetch: typeof fetch;
+  /** Which server this is (see {@linkcode LLMClientOptions.name}). */
+  readonly name: string;
 
   /** Creates a client; nothing is sent until the first request. */
   constructor(options: LLMClientOptions) {
+    this.name = options.name ?? "primary";
     this.#fetch = options.fetch ?? ((input, init) => fetch(input, init));
     this.#client = new OpenAI({
       baseURL: options.baseUrl,
@@ -239,7 +246,7 @@ export class LLMClient {
     options: CompletionOptions = {},
   ): Promise<string> {
     const type = mimeType ?? sniffImageType(decodeHead(imageB64)) ?? "image/jpeg";
-    return await this.#sendImage(model, prompt, imageB64, type, options);
+    return (await this.#sendImage(model, prompt, imageB64, type, options)).text;
   }
 
   /**
@@ -282,6 +289,19 @@ export class LLMClient {
     image: ImageSource,
     options: CompletionOptions = {},
   ): Promise<string> {
+    return (await this.chatWithImageSource(model, prompt, image, options)).text;
+  }
+
+  /**
+   * {@linkcode LLMClient.completeWithImageSource}, returning the whole {@linkcode Completion}
+   * (the text and the tokens the server reported).
+   */
+  async chatWithImageSource(
+    model: string,
+    prompt: string,
+    image: ImageSource,
+    options: CompletionOptions = {},
+  ): Promise<Completion> {
     return await this.#sendImage(model, prompt, image, image.mimeType, options);
   }
 
@@ -297,7 +317,7 @@ export class LLMClient {
     image: ImageSource | string,
     mimeType: string,
     options: CompletionOptions,
-  ): Promise<string> {
+  ): Promise<Completion> {
     const request: ImageRequest = {
       placeholder: `image${crypto.randomUUID().replaceAll("-", "")}`,
       image,
@@ -310,12 +330,12 @@ export class LLMClient {
       },
     ];
     try {
-      return (await this.#chat(
+      return await this.#chat(
         model,
         [{ role: "user", content }],
         { timeoutMs: this.#imageTimeoutMs, ...options },
         request,
-      )).text;
+      );
     } finally {
       await request.body?.close();
     }
@@ -463,25 +483,31 @@ export class LLMClient {
     completion?: Completion,
   ) {
     const durationMs = performance.now() - started;
-    this.#onCompletion?.({ model, durationMs, outcome, completion, jobType });
+    const server = this.name;
+    this.#onCompletion?.({ model, durationMs, outcome, completion, jobType, server });
     if (!log.isEnabledFor("debug")) return;
     const ms = Math.round(durationMs);
     if (!completion) {
-      log.debug("Model {model} request ended {outcome} after {durationMs} ms.", {
-        model,
-        outcome,
-        durationMs: ms,
-      });
-    } else if (completion.promptTokens === 0 && completion.completionTokens === 0) {
-      log.debug("Model {model} answered in {durationMs} ms (no token counts reported).", {
-        model,
-        durationMs: ms,
-      });
-    } else {
       log.debug(
-        "Model {model} answered in {durationMs} ms: {promptTokens} prompt and {completionTokens} completion tokens.",
+        "Model {model} on the {server} server: request ended {outcome} after {durationMs} ms.",
         {
           model,
+          server,
+          outcome,
+          durationMs: ms,
+        },
+      );
+    } else if (completion.promptTokens === 0 && completion.completionTokens === 0) {
+      log.debug(
+        "Model {model} on the {server} server answered in {durationMs} ms (no token counts reported).",
+        { model, server, durationMs: ms },
+      );
+    } else {
+      log.debug(
+        "Model {model} on the {server} server answered in {durationMs} ms: {promptTokens} prompt and {completionTokens} completion tokens.",
+        {
+          model,
+          server,
           durationMs: ms,
           promptTokens: completion.promptTokens,
           completionTokens: completion.completionTokens,

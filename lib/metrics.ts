@@ -28,10 +28,12 @@ export interface MetricsSources {
   jobsHeld(): number;
   /** Model requests in flight now. */
   modelRequestsInFlight(): number;
-  /** Whether the model server is considered available. */
+  /** Whether any model server is considered available (else jobs wait). */
   modelAvailable(): boolean;
   /** Model requests waiting for a slot shared by every replica (`LLM_MAX_IN_FLIGHT`). */
   modelBudgetWaiting?(): number;
+  /** Each configured model server (`primary`, `fallback`) and whether it is considered up. */
+  modelServers?(): Record<string, boolean>;
   /** The connection used for `XPENDING`; skipped while it is not ready. */
   redis?: Redis;
   /** The streams read: pending entries and dead letters per stream (default: the five). */
@@ -87,7 +89,13 @@ const UNMEASURED_DEFAULTS = [
  *   modelRequestsInFlight: () => 1,
  *   modelAvailable: () => true,
  * });
- * metrics.onCompletion({ model: "mistral", durationMs: 812, outcome: "ok", jobType: "followup" });
+ * metrics.onCompletion({
+ *   model: "mistral",
+ *   durationMs: 812,
+ *   outcome: "ok",
+ *   jobType: "followup",
+ *   server: "primary",
+ * });
  * const text = await metrics.metrics();
  * assert.match(text, /llm_worker_jobs_in_flight 2/);
  * assert.match(text, /llm_worker_model_request_duration_seconds_count\{.*model="mistral".*\} 1/);
@@ -100,8 +108,8 @@ export class WorkerMetrics {
   readonly events: ConsumerEvents;
   readonly #jobs: Counter<"job_type" | "outcome">;
   readonly #jobDuration: Histogram<"job_type">;
-  readonly #modelDuration: Histogram<"job_type" | "model" | "outcome">;
-  readonly #tokens: Counter<"model" | "kind">;
+  readonly #modelDuration: Histogram<"job_type" | "model" | "server" | "outcome">;
+  readonly #tokens: Counter<"model" | "job_type" | "kind">;
   readonly #retries: Counter<"job_type" | "kind">;
   readonly #deadLettered: Counter<"stream">;
   readonly #repaired: Counter<"job_type" | "repair">;
@@ -127,15 +135,15 @@ export class WorkerMetrics {
     this.#modelDuration = new Histogram({
       name: "llm_worker_model_request_duration_seconds",
       help:
-        "Duration of one model request, by job type, model and outcome (ok, unavailable, rejected, aborted).",
-      labelNames: ["job_type", "model", "outcome"],
+        "Duration of one model request, by job type, model, server (primary, fallback) and outcome (ok, unavailable, rejected, aborted).",
+      labelNames: ["job_type", "model", "server", "outcome"],
       buckets: MODEL_BUCKETS,
       registers,
     });
     this.#tokens = new Counter({
       name: "llm_worker_model_tokens_total",
-      help: "Tokens the model server reported, by model and kind (prompt, completion).",
-      labelNames: ["model", "kind"],
+      help: "Tokens the model servers reported, by model, job type and kind (prompt, completion).",
+      labelNames: ["model", "job_type", "kind"],
       registers,
     });
     this.#retries = new Counter({
@@ -176,7 +184,9 @@ export class WorkerMetrics {
       for (const kind of Object.values(RETRY_KINDS)) this.#retries.inc({ job_type, kind }, 0);
     }
     for (const model of sources.models ?? []) {
-      for (const kind of ["prompt", "completion"]) this.#tokens.inc({ model, kind }, 0);
+      for (const job_type of jobTypes) {
+        for (const kind of ["prompt", "completion"]) this.#tokens.inc({ model, job_type, kind }, 0);
+      }
     }
     for (const stream of sources.streams ?? JOB_STREAMS) this.#deadLettered.inc({ stream }, 0);
     collectDefaultMetrics({ register: this.registry });
@@ -233,6 +243,19 @@ export class WorkerMetrics {
         this.set(sources.modelAvailable() ? 0 : 1);
       },
     });
+    if (sources.modelServers) {
+      const servers = sources.modelServers;
+      new Gauge({
+        name: "llm_worker_model_server_up",
+        help:
+          "1 while the model server (primary, fallback) is considered up, else 0; requests go to the first one up.",
+        labelNames: ["server"],
+        registers,
+        collect() {
+          for (const [server, up] of Object.entries(servers())) this.set({ server }, up ? 1 : 0);
+        },
+      });
+    }
     new Gauge({
       name: "llm_worker_memory_bytes",
       help:
@@ -281,16 +304,15 @@ export class WorkerMetrics {
 
   /** Records one model request (give this to the model client's `onCompletion`). */
   onCompletion(event: CompletionEvent): void {
+    const job_type = event.jobType ?? "none";
     this.#modelDuration.observe(
-      { job_type: event.jobType ?? "none", model: event.model, outcome: event.outcome },
+      { job_type, model: event.model, server: event.server, outcome: event.outcome },
       event.durationMs / 1000,
     );
     if (event.completion) {
-      this.#tokens.inc({ model: event.model, kind: "prompt" }, event.completion.promptTokens);
-      this.#tokens.inc(
-        { model: event.model, kind: "completion" },
-        event.completion.completionTokens,
-      );
+      const { promptTokens, completionTokens } = event.completion;
+      this.#tokens.inc({ model: event.model, job_type, kind: "prompt" }, promptTokens);
+      this.#tokens.inc({ model: event.model, job_type, kind: "completion" }, completionTokens);
     }
   }
 

@@ -62,12 +62,45 @@ export interface JsonRequest<T> extends TextRequest {
 /** `LLM_STRUCTURED_OUTPUT`: `auto` tries the schema and falls back per model. */
 export type StructuredOutputMode = "auto" | "on" | "off";
 
-/** Options of {@linkcode ModelGateway}. */
-export interface ModelGatewayOptions {
-  /** The model client. */
+/** A model server the gateway sends to: its client, its model names and its health. */
+export interface ModelServer {
+  /** The model client (its `name` says which server it is in logs and metrics). */
   llm: LLMClient;
   /** Model names per role. */
   models: Record<ModelRole, string>;
+  /** Told about every request's availability; default: none. */
+  health?: ModelHealth;
+}
+
+/** Tokens the model servers reported, added up (see {@linkcode ModelGateway.forJob}). */
+export interface TokenUsage {
+  /** Tokens read. */
+  promptTokens: number;
+  /** Tokens written. */
+  completionTokens: number;
+}
+
+/** What {@linkcode ModelGateway.forJob} takes besides the job type. */
+export interface JobViewOptions {
+  /** Where the job's valid answers are kept, so a job that runs again asks nothing twice. */
+  answers?: Effects;
+  /** The job's logger: what had to be mended in an answer is logged there. */
+  log?: Logger;
+  /** Adds up the tokens of the job's requests. */
+  usage?: TokenUsage;
+}
+
+/** Options of {@linkcode ModelGateway}. */
+export interface ModelGatewayOptions {
+  /** The model client of the primary server. */
+  llm: LLMClient;
+  /** Model names per role on the primary server. */
+  models: Record<ModelRole, string>;
+  /**
+   * A second server, asked while the primary is unavailable (refused, timed out, 429, 5xx) and
+   * available itself. An answer that is unusable is never a reason to ask it.
+   */
+  fallback?: ModelServer;
   /** Most requests in flight at once. */
   concurrency: number;
   /**
@@ -79,7 +112,7 @@ export interface ModelGatewayOptions {
   gate?: RequestGate;
   /** `LLM_STRUCTURED_OUTPUT`. */
   structuredOutput?: StructuredOutputMode;
-  /** Told about every request's availability; default: none. */
+  /** Told about every request's availability on the primary; default: none. */
   health?: ModelHealth;
   /** Told what had to be mended in an answer before it could be used (see `lib/accept.ts`). */
   onRepair?: (event: RepairEvent) => void;
@@ -129,15 +162,16 @@ export interface RepairEvent {
  */
 export class ModelGateway {
   readonly #options: ModelGatewayOptions;
-  readonly #llm: LLMClient;
-  readonly #models: Record<ModelRole, string>;
+  /** The primary server, then the fallback when there is one. */
+  readonly #servers: ModelServer[];
   // Shared with every view made by forJob (assigned there), hence not readonly.
   #slots: Slots;
   readonly #gate?: RequestGate;
   readonly #mode: StructuredOutputMode;
-  readonly #health?: ModelHealth;
-  /** Models that refused `response_format: json_schema` (auto mode remembers them). */
+  /** `server:model` pairs that refused `response_format: json_schema` (auto mode remembers). */
   #noSchema = new Set<string>();
+  /** Where this view adds up its requests' tokens. */
+  #usage?: TokenUsage;
   /** The job type this view's requests are for (metrics and traces). */
   #jobType?: string;
   /** Where this view keeps the answers of its job, so a job that runs again asks nothing twice. */
@@ -149,20 +183,18 @@ export class ModelGateway {
   /** Creates the gateway; `concurrency` slots are shared by every job. */
   constructor(options: ModelGatewayOptions) {
     this.#options = options;
-    this.#llm = options.llm;
-    this.#models = options.models;
+    const primary = { llm: options.llm, models: options.models, health: options.health };
+    this.#servers = options.fallback ? [primary, options.fallback] : [primary];
     const local = new Semaphore(options.concurrency);
     this.#slots = options.sharedSlots ? stackSlots(local, options.sharedSlots) : local;
     this.#gate = options.gate;
     this.#mode = options.structuredOutput ?? "auto";
-    this.#health = options.health;
   }
 
   /**
    * A view of this gateway for one job type: the same slots, health and structured-output
-   * memory, with every request labelled `jobType` in the model client's events and spans. With
-   * `answers`, each valid answer is kept there for a later run of the same job; with `log`, the
-   * view logs there (the job's logger) what it had to mend in an answer.
+   * memory, with every request labelled `jobType` in the model client's events and spans (see
+   * {@linkcode JobViewOptions} for the rest).
    *
    * @example
    * ```ts
@@ -180,18 +212,21 @@ export class ModelGateway {
    * });
    * const models = { text: "mistral", vision: "llava" };
    * const gateway = new ModelGateway({ llm, models, concurrency: 4 });
-   * const model = gateway.forJob("followup");
+   * const usage = { promptTokens: 0, completionTokens: 0 };
+   * const model = gateway.forJob("followup", { usage });
    * assert.equal(await model.askText({ role: "text", prompt: "dentist" }), "When is it?");
    * assert.deepEqual(jobTypes, ["followup"]);
+   * assert.deepEqual(usage, { promptTokens: 0, completionTokens: 0 }); // none reported
    * ```
    */
-  forJob(jobType: string, answers?: Effects, log?: Logger): ModelGateway {
+  forJob(jobType: string, options: JobViewOptions = {}): ModelGateway {
     const view = new ModelGateway(this.#options);
     view.#slots = this.#slots;
     view.#noSchema = this.#noSchema;
     view.#jobType = jobType;
-    view.#answers = answers;
-    if (log) view.#log = log;
+    view.#answers = options.answers;
+    view.#usage = options.usage;
+    if (options.log) view.#log = options.log;
     return view;
   }
 
@@ -210,9 +245,9 @@ export class ModelGateway {
     return this.#slots.waiting;
   }
 
-  /** The model name used for `role`. */
+  /** The model name used for `role` on the primary server. */
   modelFor(role: ModelRole): string {
-    return this.#models[role];
+    return this.#servers[0].models[role];
   }
 
   /**
@@ -301,14 +336,41 @@ export class ModelGateway {
   }
 
   async #send(request: TextRequest, format?: JsonSchemaFormat): Promise<string> {
-    const model = this.#models[request.role];
-    const useSchema = format !== undefined &&
-      (this.#mode === "on" || (this.#mode === "auto" && !this.#noSchema.has(model)));
     const release = await cancellable(this.#slots.acquire(request.signal), request.signal);
+    try {
+      // The servers considered up, primary first; when none is, the primary as before.
+      const up = this.#servers.filter((server) => server.health?.available ?? true);
+      const servers = up.length > 0 ? up : this.#servers.slice(0, 1);
+      for (let i = 0;; i++) {
+        try {
+          return await this.#sendTo(servers[i], request, format);
+        } catch (error) {
+          const next = servers[i + 1];
+          if (!next || !(error instanceof LLMError && error.kind === "unavailable")) throw error;
+          this.#log.info("The {from} model server is unavailable; asking the {to} server.", {
+            from: servers[i].llm.name,
+            to: next.llm.name,
+          });
+        }
+      }
+    } finally {
+      release();
+    }
+  }
+
+  async #sendTo(
+    server: ModelServer,
+    request: TextRequest,
+    format?: JsonSchemaFormat,
+  ): Promise<string> {
+    const model = server.models[request.role];
+    const key = `${server.llm.name}:${model}`;
+    const useSchema = format !== undefined &&
+      (this.#mode === "on" || (this.#mode === "auto" && !this.#noSchema.has(key)));
     try {
       let text: string;
       try {
-        text = await this.#call(model, request, useSchema ? format : undefined);
+        text = await this.#call(server, model, request, useSchema ? format : undefined);
       } catch (error) {
         if (
           !(useSchema && this.#mode === "auto" && error instanceof LLMError &&
@@ -317,26 +379,25 @@ export class ModelGateway {
           throw error;
         }
         // The server refused the schema: ask again without it, and remember when that works.
-        text = await this.#call(model, request, undefined);
-        this.#noSchema.add(model);
+        text = await this.#call(server, model, request, undefined);
+        this.#noSchema.add(key);
         this.#log.warn(
-          "Model {model} rejected response_format json_schema ({reason}); using prompt-only JSON for it from now on.",
-          { model, reason: describeError(error) },
+          "Model {model} on the {server} server rejected response_format json_schema ({reason}); using prompt-only JSON for it from now on.",
+          { model, server: server.llm.name, reason: describeError(error) },
         );
       }
-      this.#health?.reportSuccess();
+      server.health?.reportSuccess();
       return text;
     } catch (error) {
       if (error instanceof LLMError && error.kind === "unavailable") {
-        this.#health?.reportFailure(error);
+        server.health?.reportFailure(error);
       }
       throw error;
-    } finally {
-      release();
     }
   }
 
   async #call(
+    server: ModelServer,
     model: string,
     request: TextRequest,
     jsonSchema?: JsonSchemaFormat,
@@ -347,17 +408,25 @@ export class ModelGateway {
       signal: request.signal,
       jobType: this.#jobType,
     };
-    if (this.#gate) await cancellable(this.#gate.admit(request.signal), request.signal);
+    // The shared pause and rate limit are the primary server's; the fallback has its own.
+    const gate = server === this.#servers[0] ? this.#gate : undefined;
+    if (gate) await cancellable(gate.admit(request.signal), request.signal);
+    let completion;
     try {
-      return request.image
-        ? await this.#llm.completeWithImageSource(model, request.prompt, request.image, options)
-        : await this.#llm.complete(model, request.prompt, options);
+      completion = request.image
+        ? await server.llm.chatWithImageSource(model, request.prompt, request.image, options)
+        : await server.llm.chat(model, [{ role: "user", content: request.prompt }], options);
     } catch (error) {
       if (error instanceof LLMError && error.status === 429 && error.retryAfterMs) {
-        this.#gate?.pause(error.retryAfterMs);
+        gate?.pause(error.retryAfterMs);
       }
       throw error;
     }
+    if (this.#usage) {
+      this.#usage.promptTokens += completion.promptTokens;
+      this.#usage.completionTokens += completion.completionTokens;
+    }
+    return completion.text;
   }
 }
 
@@ -434,6 +503,12 @@ export interface ModelHealthOptions {
   sleep?: (ms: number, signal?: AbortSignal) => Promise<void>;
   /** Called on every change between available and unavailable. */
   onChange?: (available: boolean) => void;
+  /** What the log lines call the server (default `Model server`). */
+  label?: string;
+  /** What happens while it is down, for the log (default: new jobs wait). */
+  whileDown?: string;
+  /** What happens when it is back, for the log (default: waiting jobs resume). */
+  whenBack?: string;
 }
 
 /**
@@ -461,6 +536,9 @@ export class ModelHealth {
   readonly #intervals: number[];
   readonly #sleep: (ms: number, signal?: AbortSignal) => Promise<void>;
   readonly #onChange?: (available: boolean) => void;
+  readonly #label: string;
+  readonly #whileDown: string;
+  readonly #whenBack: string;
   readonly #log: Logger = logger("model");
 
   /** Starts as available; nothing is probed until a failure is reported. */
@@ -469,6 +547,9 @@ export class ModelHealth {
     this.#intervals = options.probeIntervalsMs ?? [1000, 2000, 3000, 5000];
     this.#sleep = options.sleep ?? sleep;
     this.#onChange = options.onChange;
+    this.#label = options.label ?? "Model server";
+    this.#whileDown = options.whileDown ?? "New jobs wait until it answers again.";
+    this.#whenBack = options.whenBack ?? "waiting jobs resume.";
   }
 
   /** True while the server is considered up. */
@@ -486,8 +567,10 @@ export class ModelHealth {
     if (!this.#available || this.#stop.signal.aborted) return;
     this.#available = false;
     this.#reason = error.message;
-    this.#log.warn("Model server unavailable: {reason} New jobs wait until it answers again.", {
+    this.#log.warn("{server} unavailable: {reason} {whileDown}", {
+      server: this.#label,
       reason: error.message,
+      whileDown: this.#whileDown,
     });
     this.#onChange?.(false);
     this.#probing ??= this.#probeUntilUp();
@@ -498,7 +581,10 @@ export class ModelHealth {
     if (this.#available) return;
     this.#available = true;
     this.#reason = "";
-    this.#log.info("Model server answers again; waiting jobs resume.");
+    this.#log.info("{server} answers again; {whenBack}", {
+      server: this.#label,
+      whenBack: this.#whenBack,
+    });
     const recovered = this.#recovered;
     this.#recovered = Promise.withResolvers<void>();
     recovered.resolve();
@@ -554,4 +640,64 @@ export class ModelHealth {
       this.#probing = undefined;
     }
   }
+}
+
+/** Whether the worker can reach a model at all: what the reader and the runner wait on. */
+export interface ModelAvailability {
+  /** True while at least one server is considered up. */
+  readonly available: boolean;
+  /** Why no server is up (empty while one is). */
+  readonly reason: string;
+  /** Resolves at once while available, else when a server comes back or `signal` aborts. */
+  untilAvailable(signal?: AbortSignal): Promise<void>;
+  /** Resolves at the next recovery of any server (rejects when `signal` aborts). */
+  nextRecovery(signal?: AbortSignal): Promise<void>;
+}
+
+/**
+ * The availability of a primary server and its fallback taken together: available while either
+ * is, recovered when either comes back. With no fallback it is the primary's own health.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { LLMError } from "./llm.ts";
+ *
+ * const never = () => Promise.reject(new Error("down"));
+ * const primary = new ModelHealth({ probe: never });
+ * const fallback = new ModelHealth({ probe: never });
+ * const either = eitherAvailable(primary, fallback);
+ * primary.reportFailure(new LLMError("unavailable", "primary refused"));
+ * assert.equal(either.available, true); // the fallback serves
+ * fallback.reportFailure(new LLMError("unavailable", "fallback refused"));
+ * assert.equal(either.available, false);
+ * assert.equal(either.reason, "primary refused; fallback refused");
+ * const back = either.nextRecovery();
+ * fallback.reportSuccess();
+ * await back; // the fallback came back
+ * await Promise.all([primary.close(), fallback.close()]);
+ * ```
+ */
+export function eitherAvailable(primary: ModelHealth, fallback?: ModelHealth): ModelAvailability {
+  if (!fallback) return primary;
+  const both = [primary, fallback];
+  const nextRecovery = (signal?: AbortSignal): Promise<void> => {
+    const waits = both.map((health) => health.nextRecovery(signal));
+    // The one that loses the race rejects too when `signal` aborts: nobody waits for it.
+    for (const wait of waits) wait.catch(() => {});
+    return Promise.race(waits);
+  };
+  return {
+    get available() {
+      return primary.available || fallback.available;
+    },
+    get reason() {
+      return primary.available || fallback.available ? "" : `${primary.reason}; ${fallback.reason}`;
+    },
+    untilAvailable(signal) {
+      if (primary.available || fallback.available) return Promise.resolve();
+      return nextRecovery(signal);
+    },
+    nextRecovery,
+  };
 }

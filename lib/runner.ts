@@ -19,7 +19,7 @@ import type { Job, JobType } from "./job.ts";
 import type { JobLedger } from "./ledger.ts";
 import { LLMError } from "./llm.ts";
 import { describeError, logger, withJobContext } from "./log.ts";
-import type { ModelGateway, ModelHealth } from "./model.ts";
+import type { ModelAvailability, ModelGateway } from "./model.ts";
 import { entryTimeMs, expiresAt, RetryTracker, unavailableDelayMs } from "./retry.ts";
 import type { RunOutcome } from "./scheduler.ts";
 import { traceJob } from "./tracing.ts";
@@ -86,7 +86,7 @@ export interface JobRunnerOptions {
   /** The model. */
   model: ModelGateway;
   /** Whether the model server answers (a job waiting for it wakes when it is back). */
-  health: Pick<ModelHealth, "nextRecovery">;
+  health: Pick<ModelAvailability, "nextRecovery">;
   /** Handlers by job type (default: the five of `lib/handlers`). */
   handlers?: Readonly<Record<JobType, JobHandler>>;
   /** Observers. */
@@ -116,7 +116,7 @@ export class JobRunner {
   readonly #ledger: JobStore;
   readonly #core: CoreApiClient;
   readonly #model: ModelGateway;
-  readonly #health: Pick<ModelHealth, "nextRecovery">;
+  readonly #health: Pick<ModelAvailability, "nextRecovery">;
   readonly #handlers: Readonly<Record<JobType, JobHandler>>;
   readonly #events: ConsumerEvents;
   readonly #now: () => number;
@@ -179,7 +179,7 @@ export class JobRunner {
       this.#events.jobEnded?.(job, outcome, durationMs);
       const level = outcome === "failed" ? "warn" : "info";
       this.#log[level](
-        "Job {jobId} ({jobType}) for user {userId} ended: {outcome} in {durationMs} ms (attempt {attempt} of {maxAttempts}, after {waits} wait(s)).",
+        "Job {jobId} ({jobType}) for user {userId} ended: {outcome} in {durationMs} ms (attempt {attempt} of {maxAttempts}, after {waits} wait(s)); {promptTokens} prompt and {completionTokens} completion tokens.",
         {
           jobId: job.jobId,
           jobType: job.jobType,
@@ -189,6 +189,8 @@ export class JobRunner {
           attempt: item.run?.attempt ?? this.#attempt(item),
           maxAttempts: this.#tracker.maxRetries,
           waits: item.run?.waits ?? item.record?.unavailableAttempts ?? 0,
+          promptTokens: item.usage.promptTokens,
+          completionTokens: item.usage.completionTokens,
         },
       );
     }
@@ -270,7 +272,7 @@ export class JobRunner {
       result = await handler.run({
         job,
         core: this.#core,
-        model: this.#model.forJob(job.jobType, item.answers, log),
+        model: this.#model.forJob(job.jobType, { answers: item.answers, log, usage: item.usage }),
         effects: item.effects!,
         settings: this.#s,
         now: () => new Date(this.#now()),

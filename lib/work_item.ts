@@ -6,6 +6,7 @@
  */
 import type { Effects } from "./job.ts";
 import { type JobRecord, MemoryEffects } from "./ledger.ts";
+import type { TokenUsage } from "./model.ts";
 import { type Notification, type ParsedEntry, parseEntry } from "./streams.ts";
 
 /** One entry held in memory, from the read until it is acknowledged or left. */
@@ -32,6 +33,8 @@ export interface WorkItem {
    * are still once-only).
    */
   answers: MemoryEffects;
+  /** Tokens the model servers reported for this job's requests in this process, all runs. */
+  usage: TokenUsage;
   /** Set once the job's end is decided but not yet written (Core was down). */
   ending?: Ending;
   /** The attempt of the current or last run and the waits before it (for its log lines). */
@@ -81,6 +84,7 @@ export function workItem(
     parsed,
     redelivered,
     answers: new MemoryEffects(),
+    usage: { promptTokens: 0, completionTokens: 0 },
   };
 }
 

@@ -6,15 +6,21 @@
  * @module
  */
 import type { Redis } from "ioredis";
-import { redactUrl, type Settings } from "./config.ts";
+import { type FallbackSettings, redactUrl, type Settings } from "./config.ts";
 import { Consumer, type ConsumerEvents } from "./consumer.ts";
 import { CoreApiClient } from "./core_api.ts";
 import { JobLedger } from "./ledger.ts";
-import { type CompletionEvent, LLMClient, type LLMError, toLLMError } from "./llm.ts";
+import {
+  type CompletionEvent,
+  LLMClient,
+  type LLMClientOptions,
+  type LLMError,
+  toLLMError,
+} from "./llm.ts";
 import { type HttpServer, type Readiness, startHttpServer } from "./http.ts";
 import { logger } from "./log.ts";
 import { WorkerMetrics } from "./metrics.ts";
-import { ModelGateway, ModelHealth } from "./model.ts";
+import { eitherAvailable, ModelGateway, ModelHealth, type ModelServer } from "./model.ts";
 import { closeRedis, createRedis, watchRedis } from "./redis.ts";
 import { SharedRequestGate } from "./request_gate.ts";
 import { SharedSlots } from "./shared_slots.ts";
@@ -102,12 +108,24 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     jobsInFlight: () => consumer.inFlight,
     jobsHeld: () => consumer.held,
     modelRequestsInFlight: () => model.inFlight,
-    modelAvailable: () => health.available,
+    modelAvailable: () => availability.available,
     modelBudgetWaiting: () => sharedSlots?.waiting ?? 0,
+    modelServers: () => ({
+      primary: health.available,
+      ...(fallback ? { fallback: fallback.health.available } : {}),
+    }),
     redis,
     streams: JOB_STREAMS,
     jobTypes: Object.keys(STREAM_OF),
-    models: [...new Set([settings.llmTextModel, settings.llmVisionModel])],
+    models: [
+      ...new Set([
+        settings.llmTextModel,
+        settings.llmVisionModel,
+        ...(settings.llmFallback
+          ? [settings.llmFallback.textModel, settings.llmFallback.visionModel]
+          : []),
+      ]),
+    ],
   });
   const owner = settings.workerConsumerName;
   const sharedSlots = settings.llmMaxInFlight === null
@@ -120,13 +138,14 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     owner,
     onDelay: (reason) => metrics.onModelDelay(reason),
   });
+  const onCompletion = (event: CompletionEvent) => {
+    metrics.onCompletion(event);
+    options.onCompletion?.(event);
+  };
   const llm = new LLMClient({
     baseUrl: settings.llmBaseUrl,
     apiKey: settings.llmApiKey,
-    onCompletion: (event) => {
-      metrics.onCompletion(event);
-      options.onCompletion?.(event);
-    },
+    onCompletion,
     fetch: options.fetch,
   });
   const health = new ModelHealth({
@@ -135,10 +154,23 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
       await llm.probe(signal);
     },
     onChange: options.onModelAvailability,
+    ...(settings.llmFallback
+      ? {
+        label: "Primary model server",
+        whileDown: "Requests go to the fallback server while it answers.",
+        whenBack: "requests go to it again.",
+      }
+      : {}),
   });
+  const fallback = settings.llmFallback && fallbackServer(settings.llmFallback, {
+    onCompletion,
+    fetch: options.fetch,
+  });
+  const availability = eitherAvailable(health, fallback?.health);
   const model = new ModelGateway({
     llm,
     models: { text: settings.llmTextModel, vision: settings.llmVisionModel },
+    fallback,
     concurrency: settings.workerConcurrency,
     sharedSlots,
     gate,
@@ -154,15 +186,18 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
     ledger: new JobLedger(redis),
     core,
     model,
-    health,
+    health: availability,
     events: combineEvents(metrics.events, options.events),
   });
   const readiness = (): Readiness => {
     const answer = (ready: boolean, reason?: string): Readiness => {
       const readiness: Readiness = { ready };
       if (reason) readiness.reason = reason;
-      if (!health.available) {
-        readiness.detail = `the model server does not answer, jobs wait for it: ${health.reason}`;
+      if (!availability.available) {
+        readiness.detail = `no model server answers, jobs wait for one: ${availability.reason}`;
+      } else if (!health.available) {
+        readiness.detail =
+          `the primary model server does not answer, the fallback serves: ${health.reason}`;
       }
       return readiness;
     };
@@ -203,6 +238,11 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
         if (problem?.kind === "unavailable") health.reportFailure(problem);
         return problem;
       });
+      if (fallback) {
+        probeModel(fallback.llm, closing.signal).then((problem) => {
+          if (problem?.kind === "unavailable") fallback.health.reportFailure(problem);
+        });
+      }
       // A refused first connect rejects, but ioredis goes on trying (backing off to 2 s): the
       // worker waits for Redis as it does after losing it later.
       for (const connection of [redis, reader, subscriber]) connection.connect().catch(() => {});
@@ -215,6 +255,16 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
       await Promise.all([gate.start(), sharedSlots?.start()]);
       await consumer.start();
       const modelProblem = await probe;
+      if (settings.llmFallback) {
+        log.info(
+          "Fallback model server at {fallbackUrl} (text model {textModel}, vision model {visionModel}) serves while the primary does not answer.",
+          {
+            fallbackUrl: settings.llmFallback.baseUrl,
+            textModel: settings.llmFallback.textModel,
+            visionModel: settings.llmFallback.visionModel,
+          },
+        );
+      }
       log.info(
         "LLM worker {consumer} started: reading {streams} in group {group}, concurrency {concurrency}{shared}, text model {textModel}, vision model {visionModel} at {baseUrl} ({modelStatus}); health and metrics {httpStatus}.",
         {
@@ -244,6 +294,7 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
         await consumer.stop();
         await health.close();
         await Promise.all([sharedSlots?.close(), gate.close()]);
+        await fallback?.health.close();
         llm.close();
         await Promise.all([redis, reader, subscriber].map(closeRedis));
         await http?.close();
@@ -251,6 +302,26 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
       return closed;
     },
   };
+}
+
+/** The fallback model server of `LLM_FALLBACK_*`: its client (named `fallback`) and health. */
+function fallbackServer(
+  settings: FallbackSettings,
+  options: Pick<LLMClientOptions, "onCompletion" | "fetch">,
+): ModelServer & { health: ModelHealth } {
+  const llm = new LLMClient({
+    baseUrl: settings.baseUrl,
+    apiKey: settings.apiKey,
+    name: "fallback",
+    ...options,
+  });
+  const health = new ModelHealth({
+    probe: (signal) => llm.probe(signal),
+    label: "Fallback model server",
+    whileDown: "It is not asked until it answers again.",
+    whenBack: "it serves while the primary is down.",
+  });
+  return { llm, models: { text: settings.textModel, vision: settings.visionModel }, health };
 }
 
 /** One set of consumer observers that calls each of `all` in turn. */

@@ -526,7 +526,7 @@ Deno.test("a mended answer is told to onRepair and logged at debug on the job's 
     await using model = startModelServer(() => "Here: {tags: 'sea, sand',}");
     const events: RepairEvent[] = [];
     const view = gateway(model.url, { onRepair: (event) => events.push(event) })
-      .forJob("image_tag", undefined, getLogger(["job-test"]));
+      .forJob("image_tag", { log: getLogger(["job-test"]) });
     const result = await view.ask({ role: "text", prompt: "t", schema: Tags, schemaName: "tags" });
     assert.deepEqual(result, { tags: ["sea", "sand"] });
     assert.deepEqual(events, [{
