@@ -19,6 +19,8 @@ import { DEAD_STREAM, NOTIFY_STREAM, STREAM_OF } from "../lib/streams.ts";
 import { dead } from "../cli/dead.ts";
 import { writePrompts } from "../cli/prompts.ts";
 import { loadSettings, SettingsError } from "../lib/config.ts";
+import { createWorker } from "../lib/worker.ts";
+import { freePort } from "../testing/redis_server.ts";
 import { type LocalStack, SAMPLE_USER, SAMPLES_DIR, startLocalStack } from "./local_stack.ts";
 
 /** One job of the demo and how it ended. */
@@ -57,6 +59,10 @@ export interface DemoReport {
   frenchQuestion: string;
   /** What `deno task dead list` printed for the malformed entry, and whether `drop` removed it. */
   deadLetters: { listed: string; dropped: boolean };
+  /** Tokens the model reported, per job type: `[prompt, completion]`. */
+  tokens: Record<string, [number, number]>;
+  /** The fallback scenario: the job's status, the server that answered, and the notices sent. */
+  fallback: { status: string; server: string; notices: string[] };
   /** True when every job completed. */
   ok: boolean;
 }
@@ -241,14 +247,20 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
     for (const job of jobs) job.job = stack.core.state.jobs.get(job.jobId)!;
     const frenchQuestion = await languageScenario(stack, out, started + timeoutMs);
     const deadLetters = await deadLetterScenario(stack, out, started + timeoutMs);
+    const metrics = await stack.worker.metrics.metrics();
+    const tokens = tokensScenario(metrics, out);
+    const fallback = await fallbackScenario(stack, out, started + timeoutMs);
     const report: DemoReport = {
       jobs,
       notifications,
       core: stack.core.state,
-      metrics: await stack.worker.metrics.metrics(),
+      metrics,
       deadLetters,
       frenchQuestion,
-      ok: jobs.every((j) => j.job.status === "completed") && deadLetters.dropped,
+      tokens,
+      fallback,
+      ok: jobs.every((j) => j.job.status === "completed") && deadLetters.dropped &&
+        fallback.status === "completed",
     };
     printReport(report, out);
     out("");
@@ -357,6 +369,85 @@ async function deadLetterScenario(
   );
   const dropped = await run(["drop", id]);
   return { listed: listed.text, dropped: dropped.code === 0 };
+}
+
+/** Token accounting: what `llm_worker_model_tokens_total` says per job type after the demo. */
+function tokensScenario(metrics: string, out: (line: string) => void): DemoReport["tokens"] {
+  const tokens: DemoReport["tokens"] = {};
+  for (const match of metrics.matchAll(/^llm_worker_model_tokens_total\{([^}]*)\} (\d+)/gm)) {
+    const labels = Object.fromEntries(
+      [...match[1].matchAll(/(\w+)="([^"]*)"/g)].map((m) => [m[1], m[2]]),
+    );
+    const counts = tokens[labels.job_type] ??= [0, 0];
+    counts[labels.kind === "prompt" ? 0 : 1] += Number(match[2]);
+  }
+  out("");
+  out("Token accounting (llm_worker_model_tokens_total, from each answer's usage):");
+  for (const [jobType, [prompt, completion]] of Object.entries(tokens)) {
+    if (prompt + completion > 0) {
+      out(`  ${jobType.padEnd(15)} ${prompt} prompt, ${completion} completion tokens`);
+    }
+  }
+  return tokens;
+}
+
+/**
+ * A fallback model server: the demo's worker stops and another starts whose primary server
+ * (`LLM_BASE_URL`) does not answer and whose `LLM_FALLBACK_BASE_URL` is the scripted model. A
+ * follow-up job completes through the fallback, and the user gets no outage notice.
+ */
+async function fallbackScenario(
+  stack: LocalStack,
+  out: (line: string) => void,
+  deadline: number,
+): Promise<DemoReport["fallback"]> {
+  out("");
+  const down = `http://127.0.0.1:${freePort()}/v1`;
+  out(`Fallback: a worker whose primary model server (${down}) does not answer,`);
+  out(`  with LLM_FALLBACK_BASE_URL=${stack.settings.llmBaseUrl} (the scripted model).`);
+  await stack.worker.close();
+  const worker = createWorker(
+    {
+      ...stack.settings,
+      llmBaseUrl: down,
+      llmFallback: {
+        baseUrl: stack.settings.llmBaseUrl,
+        apiKey: "not-needed",
+        textModel: "scripted-fallback",
+        visionModel: "scripted-fallback",
+      },
+    },
+    { http: false },
+  );
+  try {
+    await worker.start();
+    const before = await stack.client.xlen(NOTIFY_STREAM);
+    const payload = { message: "the thing on Friday" };
+    const job = stack.core.seedJob({ job_type: "followup", payload, user_id: SAMPLE_USER });
+    const envelope = { job_id: job.id, job_type: "followup", payload, user_id: SAMPLE_USER };
+    await stack.client.xadd(STREAM_OF.followup, "*", "data", JSON.stringify(envelope));
+    let ended = stack.core.state.jobs.get(job.id)!;
+    while (ended.status !== "completed" && ended.status !== "failed") {
+      if (Date.now() > deadline) throw new Error("The demo timed out waiting for the fallback.");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      ended = stack.core.state.jobs.get(job.id)!;
+    }
+    const metrics = await worker.metrics.metrics();
+    const server =
+      /llm_worker_model_request_duration_seconds_count\{[^}]*server="fallback"[^}]*outcome="ok"[^}]*\} [1-9]/
+          .test(metrics)
+        ? "fallback"
+        : "primary";
+    const notices = (await stack.client.xrange(NOTIFY_STREAM, "-", "+")).slice(before).map(
+      ([, fields]) => (JSON.parse(fields[1]) as DemoNotification).message_type,
+    );
+    const question = String((ended.result as Record<string, unknown> | null)?.question ?? "");
+    out(`  followup "${payload.message}" → ${ended.status} by the ${server} server: ${question}`);
+    out(`  notifications: ${notices.join(", ")} (no outage notice while the fallback serves)`);
+    return { status: ended.status, server, notices };
+  } finally {
+    await worker.close();
+  }
 }
 
 // ------------------------------------------------------------------ tables

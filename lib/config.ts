@@ -38,8 +38,8 @@ export interface Settings {
   llmMaxInFlight: number | null;
   /** Most model requests a minute across every replica; null: no limit. */
   llmMaxRequestsPerMinute: number | null;
-  /** A second OpenAI-compatible server used while the first is unavailable, when set. */
-  llmFallback?: FallbackSettings;
+  /** A second OpenAI-compatible server used while the first is unavailable; null: none. */
+  llmFallback: FallbackSettings | null;
   /** Redis URL (`redis://` or `rediss://`). */
   redisUrl: string;
   /** Core REST API base URL. */
@@ -245,7 +245,7 @@ export function loadSettings(env: Record<string, string> = readEnvironment()): S
     llmDefaultLanguage: v.LLM_DEFAULT_LANGUAGE,
     llmMaxInFlight: v.LLM_MAX_IN_FLIGHT ?? null,
     llmMaxRequestsPerMinute: v.LLM_MAX_REQUESTS_PER_MINUTE ?? null,
-    llmFallback: v.LLM_FALLBACK_BASE_URL === undefined ? undefined : {
+    llmFallback: v.LLM_FALLBACK_BASE_URL === undefined ? null : {
       baseUrl: v.LLM_FALLBACK_BASE_URL,
       apiKey: v.LLM_FALLBACK_API_KEY,
       textModel: v.LLM_FALLBACK_TEXT_MODEL ?? v.LLM_TEXT_MODEL,

@@ -162,10 +162,9 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
       }
       : {}),
   });
-  const fallback = settings.llmFallback && fallbackServer(settings.llmFallback, {
-    onCompletion,
-    fetch: options.fetch,
-  });
+  const fallback = settings.llmFallback
+    ? fallbackServer(settings.llmFallback, { onCompletion, fetch: options.fetch })
+    : undefined;
   const availability = eitherAvailable(health, fallback?.health);
   const model = new ModelGateway({
     llm,
@@ -194,7 +193,9 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
       const readiness: Readiness = { ready };
       if (reason) readiness.reason = reason;
       if (!availability.available) {
-        readiness.detail = `no model server answers, jobs wait for one: ${availability.reason}`;
+        readiness.detail = fallback
+          ? `no model server answers, jobs wait for one: ${availability.reason}`
+          : `the model server does not answer, jobs wait for it: ${health.reason}`;
       } else if (!health.available) {
         readiness.detail =
           `the primary model server does not answer, the fallback serves: ${health.reason}`;

@@ -64,6 +64,7 @@ Deno.test("loadSettings gives every variable of the contract its default", () =>
     llmPromptsDir: undefined,
     llmPrompts: {},
     llmDefaultLanguage: "en",
+    llmFallback: null,
     llmMaxInFlight: null,
     llmMaxRequestsPerMinute: null,
     redisUrl: "redis://redis:6379",
@@ -87,6 +88,10 @@ Deno.test("SETTING_NAMES lists every variable of docs/protocol.md section 5", ()
     "LLM_API_KEY",
     "LLM_BASE_URL",
     "LLM_DEFAULT_LANGUAGE",
+    "LLM_FALLBACK_API_KEY",
+    "LLM_FALLBACK_BASE_URL",
+    "LLM_FALLBACK_TEXT_MODEL",
+    "LLM_FALLBACK_VISION_MODEL",
     "LLM_MAX_INPUT_CHARS",
     "LLM_MAX_IN_FLIGHT",
     "LLM_MAX_REQUESTS_PER_MINUTE",
@@ -117,6 +122,9 @@ Deno.test("loadSettings reads every variable", () => {
     LLM_MAX_INPUT_CHARS: "8000",
     LLM_MAX_IN_FLIGHT: "32",
     LLM_MAX_REQUESTS_PER_MINUTE: "500",
+    LLM_FALLBACK_BASE_URL: "http://ollama:11434/v1",
+    LLM_FALLBACK_API_KEY: "fallback-secret",
+    LLM_FALLBACK_TEXT_MODEL: "qwen2.5:3b",
     REDIS_URL: "rediss://:pw@cache:6380/2",
     CORE_API_URL: "http://core.internal:9000/",
     IMAGE_STORAGE_PATH: "/srv/images",
@@ -139,6 +147,12 @@ Deno.test("loadSettings reads every variable", () => {
     llmPromptsDir: undefined,
     llmPrompts: {},
     llmDefaultLanguage: "en",
+    llmFallback: {
+      baseUrl: "http://ollama:11434/v1",
+      apiKey: "fallback-secret",
+      textModel: "qwen2.5:3b",
+      visionModel: "qwen-vl", // the primary's name when not set
+    },
     llmMaxInFlight: 32,
     llmMaxRequestsPerMinute: 500,
     redisUrl: "rediss://:pw@cache:6380/2",
@@ -319,12 +333,15 @@ Deno.test("an empty value takes the default, as compose's ${VAR:-} expects", () 
 Deno.test("redactSettings hides the API key and the Redis password", () => {
   const settings = loadSettings({
     LLM_API_KEY: "sk-very-secret",
+    LLM_FALLBACK_BASE_URL: "https://fallback.example/v1",
+    LLM_FALLBACK_API_KEY: "sk-fallback-secret",
     REDIS_URL: "redis://user:hunter2@cache:6379/0",
   });
   const shown = redactSettings(settings);
   const text = JSON.stringify(shown);
   assert.ok(!text.includes("sk-very-secret"));
   assert.ok(!text.includes("hunter2"));
+  assert.ok(!text.includes("sk-fallback-secret"));
   assert.equal(shown.llmApiKey, "***");
   assert.equal(shown.redisUrl, "redis://user:***@cache:6379/0");
   assert.equal(shown.llmTextModel, settings.llmTextModel);

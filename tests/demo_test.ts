@@ -115,6 +115,21 @@ Deno.test("the demo completes every sample job with the expected effects", async
   );
   assert.equal(report.deadLetters.dropped, true);
 
+  // Tokens per job type, from the scripted model's usage; every type that asked the model has some.
+  for (
+    const jobType of ["image_tag", "intent_classify", "followup", "task_match", "email_extract"]
+  ) {
+    const [prompt, completion] = report.tokens[jobType] ?? [0, 0];
+    assert.ok(prompt > 0 && completion > 0, `${jobType}: ${prompt}/${completion} tokens`);
+  }
+
+  // With the primary down, the fallback answered and the user heard of no outage.
+  assert.deepEqual(report.fallback, {
+    status: "completed",
+    server: "fallback",
+    notices: ["llm_followup_result"],
+  });
+
   // The printed report: progress, the three tables, the summary.
   const text = lines.join("\n");
   assert.match(text, /✓ \[11\/11\]/);

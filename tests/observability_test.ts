@@ -156,11 +156,19 @@ Deno.test("/metrics: counters move as jobs complete, fail and are dead-lettered"
     "one model request, labelled with its job type; the refused payload never asked the model",
   );
   assert.equal(
-    sample(after, "llm_worker_model_tokens_total", { model: "mistral", kind: "prompt" }),
+    sample(after, "llm_worker_model_tokens_total", {
+      model: "mistral",
+      job_type: "followup",
+      kind: "prompt",
+    }),
     10,
   );
   assert.equal(
-    sample(after, "llm_worker_model_tokens_total", { model: "mistral", kind: "completion" }),
+    sample(after, "llm_worker_model_tokens_total", {
+      model: "mistral",
+      job_type: "followup",
+      kind: "completion",
+    }),
     5,
   );
   assert.equal(sample(after, "llm_worker_pending_entries", { stream: "llm:followup" }), 0);

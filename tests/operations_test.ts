@@ -214,7 +214,7 @@ Deno.test("debug logs follow each job: read, queued behind the user, model, Core
   const answered = models.at(-1)!;
   assert.match(
     answered.message,
-    /^Model mistral answered in \d+ ms: 10 prompt and 5 completion tokens\.$/,
+    /^Model mistral on the primary server answered in \d+ ms: 10 prompt and 5 completion tokens\.$/,
   );
   assert.deepEqual([answered.attempt, answered.waits], [1, 1], "a wait is not an attempt");
   assert.equal(typeof answered.durationMs, "number");
@@ -238,8 +238,9 @@ Deno.test("debug logs follow each job: read, queued behind the user, model, Core
   const ended = find(first, /ended: completed/).at(-1)!;
   assert.equal(
     ended.message,
-    `Job ${first} (followup) for user 7 ended: completed in ${ended.durationMs} ms (attempt 1 of 3, after 1 wait(s)).`,
+    `Job ${first} (followup) for user 7 ended: completed in ${ended.durationMs} ms (attempt 1 of 3, after 1 wait(s)); 10 prompt and 5 completion tokens.`,
   );
+  assert.equal(ended.promptTokens, 10, "the job's tokens are fields of its end line");
   // The second job ran after the first, as its user's next job.
   const firstEnd = lines.indexOf(ended);
   assert.ok(lines.indexOf(find(second, /started/)[0]) > firstEnd);
