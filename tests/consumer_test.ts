@@ -590,7 +590,7 @@ Deno.test("entries delivered in a reply lost with the connection are taken back 
   const clients = await stack.client.call("CLIENT", "LIST") as string;
   const ids = clients.split("\n").filter((line) => line.includes(" name=lost-reply "))
     .map((line) => /^id=(\d+)/.exec(line)![1]);
-  assert.equal(ids.length, 2, "the worker's two connections");
+  assert.equal(ids.length, 3, "the worker's connections: commands, reading, subscriptions");
   for (const id of ids) await stack.client.call("CLIENT", "KILL", "ID", id);
   await stack.waitForJobs([job.id], 10_000);
   assert.equal(stack.core.state.jobs.get(job.id)!.status, "completed");
