@@ -31,9 +31,9 @@ import { whenMissing } from "../accept.ts";
 import { CoreApiError } from "../core_api.ts";
 import { JobFailedError } from "../errors.ts";
 import { describeInTimeZone, formatInTimeZone, resolveDateTime } from "../time.ts";
-import { readUserContext } from "../language.ts";
 import { type PromptTemplate, renderPrompt } from "../prompts.ts";
 import { truncate } from "../utils.ts";
+import { userOf } from "./user.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
 
 /** Events with a confidence above this are created. */
@@ -240,18 +240,8 @@ function stableKey(text: string): string {
   return createHash("sha256").update(text).digest("hex").slice(0, 24);
 }
 
-async function planEvents(
-  ctx: JobContext,
-  userId: number,
-  payload: EmailPayload,
-): Promise<EventPlan> {
-  const { timeZone, language } = await readUserContext(
-    ctx.core,
-    userId,
-    ctx.settings.llmDefaultLanguage,
-    ctx.log,
-    ctx.signal,
-  );
+async function planEvents(ctx: JobContext, payload: EmailPayload): Promise<EventPlan> {
+  const { timeZone, language } = await userOf(ctx);
   const maxChars = ctx.settings.llmMaxInputChars;
   const subject = truncate(payload.subject.replace(/\s+/g, " ").trim(), Math.min(1000, maxChars));
   const text = emailToText(payload.body, {
@@ -328,7 +318,7 @@ export const emailExtractHandler: JobHandler<EmailPayload> = {
     if (userId === null) {
       throw new JobFailedError("email_extract needs a user_id and the job has none.");
     }
-    const plan = await ctx.effects.once("events:plan", () => planEvents(ctx, userId, payload));
+    const plan = await ctx.effects.once("events:plan", () => planEvents(ctx, payload));
     const created: Array<Record<string, unknown>> = [];
     const leftOut: LeftOutEvent[] = [...plan.left_out];
     for (const event of plan.events) {

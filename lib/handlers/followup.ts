@@ -9,9 +9,9 @@
  */
 import { z } from "zod";
 import { InvalidAnswerError } from "../errors.ts";
-import { readUserContext } from "../language.ts";
 import { type PromptTemplate, renderPrompt } from "../prompts.ts";
 import { truncate } from "../utils.ts";
+import { userOf } from "./user.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
 
 /** The longest question sent to the user (characters). */
@@ -175,13 +175,7 @@ export const followupHandler: JobHandler<FollowupPayload> = {
       payload.context,
       ctx.settings.llmMaxInputChars,
     );
-    const user = await readUserContext(
-      ctx.core,
-      ctx.job.userId,
-      ctx.settings.llmDefaultLanguage,
-      ctx.log,
-      ctx.signal,
-    );
+    const user = await userOf(ctx);
     const { system, prompt } = renderPrompt(
       ctx.settings.llmPrompts.followup ?? FOLLOWUP_PROMPT,
       followupValues(input.message, input.context, user.language.name),

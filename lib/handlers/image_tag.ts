@@ -15,11 +15,11 @@ import { whenMissing } from "../accept.ts";
 import { CoreApiError, type Memory } from "../core_api.ts";
 import { InvalidAnswerError, JobFailedError } from "../errors.ts";
 import { describeError } from "../log.ts";
-import { readUserContext } from "../language.ts";
 import { type PromptTemplate, renderPrompt } from "../prompts.ts";
 import { type ImageMimeType, sniffImageType, truncate } from "../utils.ts";
 import { imageFileChunks } from "../image_body.ts";
 import type { ImageInput } from "../model.ts";
+import { userOf } from "./user.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
 
 /** The largest image sent to the model: 20 MiB (most vision servers refuse more anyway). */
@@ -362,13 +362,7 @@ export function createImageTagHandler(options: ImageTagOptions = {}): JobHandler
         mimeType: image.mimeType,
         size: image.size,
       });
-      const user = await readUserContext(
-        ctx.core,
-        ctx.job.userId,
-        ctx.settings.llmDefaultLanguage,
-        ctx.log,
-        ctx.signal,
-      );
+      const user = await userOf(ctx);
       const { system, prompt } = renderPrompt(
         ctx.settings.llmPrompts.image_tag ?? IMAGE_TAG_PROMPT,
         imageTagValues(memory.content, user.language.name),

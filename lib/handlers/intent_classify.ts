@@ -28,9 +28,9 @@ import { z } from "zod";
 import type { Memory, SearchHit } from "../core_api.ts";
 import { JobFailedError } from "../errors.ts";
 import { describeInTimeZone, formatInTimeZone, parseDateTime, resolveDateTime } from "../time.ts";
-import { readUserContext } from "../language.ts";
 import { type PromptTemplate, renderPrompt } from "../prompts.ts";
 import { truncate } from "../utils.ts";
+import { userOf } from "./user.ts";
 import type { HandlerResult, JobContext, JobHandler } from "./types.ts";
 
 /** The five intents. */
@@ -329,13 +329,7 @@ export const intentClassifyHandler: JobHandler<IntentPayload> = {
       throw new JobFailedError("intent_classify needs a user_id and the job has none.");
     }
     const message = payload.message;
-    const { timeZone, language } = await readUserContext(
-      ctx.core,
-      userId,
-      ctx.settings.llmDefaultLanguage,
-      ctx.log,
-      ctx.signal,
-    );
+    const { timeZone, language } = await userOf(ctx);
     const reference = referenceTime(ctx, payload.original_timestamp);
     const { system, prompt } = renderPrompt(
       ctx.settings.llmPrompts.intent_classify ?? INTENT_PROMPT,
