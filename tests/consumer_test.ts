@@ -268,7 +268,10 @@ Deno.test("attempt counts survive a restart: the new worker does not start from 
   };
   const first = await stack.startWorker(env);
   const jobId = await stack.enqueue("task_match", { memory_id: "m", memory_content: "note" }, 2);
-  await stack.waitFor(() => stack.model.requests.length === 2, "two attempts");
+  await stack.waitFor(
+    async () => await stack.client.hget(`${LEDGER_PREFIX}${jobId}`, "invalid") === "2",
+    "the second invalid answer to be recorded",
+  );
   await first.close(); // the job waits 2 s for its third attempt: it is left pending
   assert.equal(stack.core.state.jobs.get(jobId)!.status, "processing"); // it waits to ask again
   assert.equal(await stack.client.hget(`${LEDGER_PREFIX}${jobId}`, "invalid"), "2");
