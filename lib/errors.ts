@@ -36,3 +36,20 @@ export class InvalidAnswerError extends Error {
     this.answer = answer.length > 500 ? `${answer.slice(0, 500)}…` : answer;
   }
 }
+
+/**
+ * This replica no longer holds the user's lease (lib/user_lease.ts): another replica took the
+ * user over while this one was paused or cut off. The job's run stops at once and writes nothing
+ * more; the replica that holds the lease now runs the job.
+ */
+export class LeaseLostError extends Error {
+  /** The user whose lease was lost. */
+  readonly userId: string;
+
+  /** `userId` is the user whose lease another replica holds now. */
+  constructor(userId: string, message?: string) {
+    super(message ?? `The lease of user ${userId} was taken over by another replica.`);
+    this.name = "LeaseLostError";
+    this.userId = userId;
+  }
+}

@@ -11,8 +11,10 @@
  * @module
  */
 import type { Redis } from "ioredis";
+import { LeaseLostError } from "./errors.ts";
 import type { Effects, Job } from "./job.ts";
 import { GROUP, type Notification, notificationArgs, NOTIFY_STREAM } from "./streams.ts";
+import { type Fence, fencedScript, isFenced } from "./user_lease.ts";
 
 /** Prefix of the ledger's keys. */
 export const LEDGER_PREFIX = "llm-worker:job:";
@@ -60,6 +62,16 @@ local set = redis.call('HSETNX', KEYS[1], ARGV[2], '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return set`;
 
+/** `ack`: KEYS = job stream; ARGV = group, entry id. */
+const ACK_SCRIPT = `return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])`;
+
+/** Each script with the fence check before it (lib/user_lease.ts). */
+const FENCED = new Map(
+  [FINISH_SCRIPT, NOTIFY_ONCE_SCRIPT, WRITE_SCRIPT, COUNT_SCRIPT, SET_ONCE_SCRIPT, ACK_SCRIPT].map(
+    (script) => [script, fencedScript(script)],
+  ),
+);
+
 /** What the ledger knows of one job. */
 export interface JobRecord {
   /** True when Redis had any record of the job. */
@@ -89,10 +101,20 @@ export interface JobRecord {
  */
 export class JobLedger {
   readonly #redis: Redis;
+  readonly #fence?: Fence;
 
-  /** A ledger over `redis`. */
-  constructor(redis: Redis) {
+  /** A ledger over `redis`; with `fence`, every write is fenced by that user's lease. */
+  constructor(redis: Redis, fence?: Fence) {
     this.#redis = redis;
+    this.#fence = fence;
+  }
+
+  /**
+   * The same ledger with every write fenced by `fence`: once another replica holds the user,
+   * nothing is written and the write throws {@linkcode LeaseLostError}.
+   */
+  fenced(fence: Fence): JobLedger {
+    return new JobLedger(this.#redis, fence);
   }
 
   /** The Redis key of a job's record. */
@@ -117,11 +139,15 @@ export class JobLedger {
     };
   }
 
-  /** Once-only effects of a job, backed by its record (and cached in `record.effects`). */
-  effects(jobId: string, record: JobRecord): Effects {
+  /**
+   * Once-only effects of a job, backed by its record (and cached in `record.effects`). `guard`
+   * runs before each action (the consumer checks the user's lease there).
+   */
+  effects(jobId: string, record: JobRecord, guard?: () => Promise<void>): Effects {
     return {
       once: async <T>(key: string, action: () => Promise<T>): Promise<T> => {
         if (record.effects.has(key)) return record.effects.get(key) as T;
+        await guard?.();
         const value = await action();
         await this.#write(jobId, `fx:${key}`, JSON.stringify(value ?? null));
         record.effects.set(key, value);
@@ -142,7 +168,7 @@ export class JobLedger {
 
   /** Sets `flag` once; true only for the caller that set it first. */
   async setOnce(jobId: string, flag: "processing"): Promise<boolean> {
-    return await this.#redis.eval(SET_ONCE_SCRIPT, 1, this.key(jobId), LEDGER_TTL_MS, flag) === 1;
+    return await this.#eval(SET_ONCE_SCRIPT, [this.key(jobId)], [LEDGER_TTL_MS, flag]) === 1;
   }
 
   /** Saves the notifications that must follow Core's final PATCH, in case we crash between. */
@@ -164,17 +190,10 @@ export class JobLedger {
     notifications: Notification[],
   ): Promise<boolean> {
     const payloads = notifications.map((notification) => notificationArgs(notification)[3]);
-    const ended = await this.#redis.eval(
+    const ended = await this.#eval(
       FINISH_SCRIPT,
-      3,
-      job.stream,
-      this.key(job.jobId),
-      NOTIFY_STREAM,
-      GROUP,
-      job.entryId,
-      status,
-      LEDGER_TTL_MS,
-      ...payloads,
+      [job.stream, this.key(job.jobId), NOTIFY_STREAM],
+      [GROUP, job.entryId, status, LEDGER_TTL_MS, ...payloads],
     );
     return ended === 1;
   }
@@ -184,30 +203,50 @@ export class JobLedger {
    * this call published it. Sending it twice publishes once.
    */
   async notifyOnce(jobId: string, flag: "told", notification: Notification): Promise<boolean> {
-    const sent = await this.#redis.eval(
+    const sent = await this.#eval(
       NOTIFY_ONCE_SCRIPT,
-      2,
-      this.key(jobId),
-      NOTIFY_STREAM,
-      flag,
-      LEDGER_TTL_MS,
-      notificationArgs(notification)[3],
+      [this.key(jobId), NOTIFY_STREAM],
+      [flag, LEDGER_TTL_MS, notificationArgs(notification)[3]],
     );
     return sent === 1;
   }
 
   /** Acknowledges an entry whose job needs nothing more. */
   async ack(job: Pick<Job, "stream" | "entryId">): Promise<void> {
-    await this.#redis.xack(job.stream, GROUP, job.entryId);
+    if (this.#fence) await this.#eval(ACK_SCRIPT, [job.stream], [GROUP, job.entryId]);
+    else await this.#redis.xack(job.stream, GROUP, job.entryId);
   }
 
   async #count(jobId: string, field: string): Promise<number> {
-    return Number(await this.#redis.eval(COUNT_SCRIPT, 1, this.key(jobId), LEDGER_TTL_MS, field));
+    return Number(await this.#eval(COUNT_SCRIPT, [this.key(jobId)], [LEDGER_TTL_MS, field]));
   }
 
   /** Sets `field` of the job's record and renews the record's TTL, in one step. */
   async #write(jobId: string, field: string, value: string): Promise<void> {
-    await this.#redis.eval(WRITE_SCRIPT, 1, this.key(jobId), LEDGER_TTL_MS, field, value);
+    await this.#eval(WRITE_SCRIPT, [this.key(jobId)], [LEDGER_TTL_MS, field, value]);
+  }
+
+  /** Runs one of the scripts above, behind the fence when there is one. */
+  async #eval(
+    script: string,
+    keys: string[],
+    args: Array<string | number>,
+  ): Promise<unknown> {
+    const fence = this.#fence;
+    if (!fence) return await this.#redis.eval(script, keys.length, ...keys, ...args);
+    try {
+      return await this.#redis.eval(
+        FENCED.get(script)!,
+        keys.length + 1,
+        fence.key,
+        ...keys,
+        fence.token,
+        ...args,
+      );
+    } catch (error) {
+      if (isFenced(error)) throw new LeaseLostError(fence.userId);
+      throw error;
+    }
   }
 }
 
