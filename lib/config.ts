@@ -52,6 +52,8 @@ export interface Settings {
   workerConsumerName: string;
   /** Claim another consumer's entry idle this long (ms). */
   workerClaimIdleMs: number;
+  /** How long a replica holds a user without refreshing its lease (ms). */
+  workerLeaseMs: number;
   /** How long a stop waits for jobs in flight (ms). */
   workerShutdownTimeoutMs: number;
   /** Port of the health and metrics listener; `0` picks a free port. */
@@ -140,6 +142,7 @@ const schema = z.object({
   WORKER_CONCURRENCY: integer(1, 1024).default(4),
   WORKER_CONSUMER_NAME: nonEmpty.optional(),
   WORKER_CLAIM_IDLE_MS: integer(1000).default(600000),
+  WORKER_LEASE_MS: integer(1000, 3_600_000).default(30000),
   WORKER_SHUTDOWN_TIMEOUT_MS: integer(0).default(30000),
   WORKER_HTTP_PORT: integer(0, 65535).default(9464),
   LOG_LEVEL: oneOf(["debug", "info", "warning", "warn", "error"]).default("info"),
@@ -257,6 +260,7 @@ export function loadSettings(env: Record<string, string> = readEnvironment()): S
     workerConcurrency: v.WORKER_CONCURRENCY,
     workerConsumerName: v.WORKER_CONSUMER_NAME ?? defaultConsumerName(),
     workerClaimIdleMs: v.WORKER_CLAIM_IDLE_MS,
+    workerLeaseMs: v.WORKER_LEASE_MS,
     workerShutdownTimeoutMs: v.WORKER_SHUTDOWN_TIMEOUT_MS,
     workerHttpPort: v.WORKER_HTTP_PORT,
     logLevel: v.LOG_LEVEL === "warn" ? "warning" : v.LOG_LEVEL,

@@ -72,6 +72,7 @@ Deno.test("loadSettings gives every variable of the contract its default", () =>
     imageStoragePath: "/data/images",
     workerConcurrency: 4,
     workerClaimIdleMs: 600000,
+    workerLeaseMs: 30000,
     workerShutdownTimeoutMs: 30000,
     workerHttpPort: 9464,
     logLevel: "info",
@@ -107,6 +108,7 @@ Deno.test("SETTING_NAMES lists every variable of docs/protocol.md section 5", ()
     "WORKER_CONCURRENCY",
     "WORKER_CONSUMER_NAME",
     "WORKER_HTTP_PORT",
+    "WORKER_LEASE_MS",
     "WORKER_SHUTDOWN_TIMEOUT_MS",
   ]);
 });
@@ -131,6 +133,7 @@ Deno.test("loadSettings reads every variable", () => {
     WORKER_CONCURRENCY: "8",
     WORKER_CONSUMER_NAME: "worker-a",
     WORKER_CLAIM_IDLE_MS: "120000",
+    WORKER_LEASE_MS: "15000",
     WORKER_SHUTDOWN_TIMEOUT_MS: "5000",
     WORKER_HTTP_PORT: "0",
     LOG_LEVEL: "debug",
@@ -161,6 +164,7 @@ Deno.test("loadSettings reads every variable", () => {
     workerConcurrency: 8,
     workerConsumerName: "worker-a",
     workerClaimIdleMs: 120000,
+    workerLeaseMs: 15000,
     workerShutdownTimeoutMs: 5000,
     workerHttpPort: 0,
     logLevel: "debug",
@@ -347,4 +351,13 @@ Deno.test("redactSettings hides the API key and the Redis password", () => {
   assert.equal(shown.llmTextModel, settings.llmTextModel);
   // The original is left untouched.
   assert.equal(settings.llmApiKey, "sk-very-secret");
+});
+
+Deno.test("WORKER_LEASE_MS must be a whole number from 1000 to an hour", () => {
+  for (const bad of ["999", "0", "-5", "1.5", "soon", "3600001"]) {
+    const error = settingsError({ WORKER_LEASE_MS: bad });
+    assert.equal(error.problems.length, 1, bad);
+    assert.match(error.problems[0], /^WORKER_LEASE_MS=/, bad);
+  }
+  assert.equal(loadSettings({ WORKER_LEASE_MS: "1000" }).workerLeaseMs, 1000);
 });
