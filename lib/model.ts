@@ -88,6 +88,11 @@ export interface JobViewOptions {
   log?: Logger;
   /** Adds up the tokens of the job's requests. */
   usage?: TokenUsage;
+  /**
+   * Runs once a slot is held, right before each request, and may throw to stop it (the consumer
+   * checks the job's user lease there).
+   */
+  guard?: () => Promise<void>;
 }
 
 /** Options of {@linkcode ModelGateway}. */
@@ -176,6 +181,8 @@ export class ModelGateway {
   #jobType?: string;
   /** Where this view keeps the answers of its job, so a job that runs again asks nothing twice. */
   #answers?: Effects;
+  /** See {@linkcode JobViewOptions.guard}. */
+  #guard?: () => Promise<void>;
   /** Questions asked by this view so far (the key of each kept answer). */
   #asked = 0;
   #log: Logger = logger("model");
@@ -226,6 +233,7 @@ export class ModelGateway {
     view.#jobType = jobType;
     view.#answers = options.answers;
     view.#usage = options.usage;
+    view.#guard = options.guard;
     if (options.log) view.#log = options.log;
     return view;
   }
@@ -338,6 +346,7 @@ export class ModelGateway {
   async #send(request: TextRequest, format?: JsonSchemaFormat): Promise<string> {
     const release = await cancellable(this.#slots.acquire(request.signal), request.signal);
     try {
+      await this.#guard?.();
       // The servers considered up, primary first; when none is, the primary as before.
       const up = this.#servers.filter((server) => server.health?.available ?? true);
       const servers = up.length > 0 ? up : this.#servers.slice(0, 1);

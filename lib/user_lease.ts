@@ -513,6 +513,11 @@ export class UserLeases {
     await this.#eval(RELEASE_SCRIPT, lease.userId, lease.token);
   }
 
+  /** Gives up every lease held (a replica that stops). */
+  async releaseAll(): Promise<void> {
+    await Promise.all([...this.#held.values()].map((lease) => this.release(lease)));
+  }
+
   /** Refreshes every lease held; returns those found lost (another replica holds the user). */
   async refresh(): Promise<Lease[]> {
     const leases = [...this.#held.values()].filter((lease) => !lease.lost);
