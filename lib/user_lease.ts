@@ -37,9 +37,12 @@ import { GROUP, JOB_STREAMS } from "./streams.ts";
 /** Prefix of the leases' keys. */
 export const LEASE_PREFIX = "llm-worker:";
 
-/** How often each replica looks for expired leases to take over, for a lease of `leaseMs`. */
+/**
+ * How often each replica looks for free users (expired leases, users left for a replica with
+ * room), for a lease of `leaseMs`: a quarter of it, at most every second.
+ */
 export function sweepIntervalMs(leaseMs: number): number {
-  return Math.max(100, Math.floor(leaseMs / 4));
+  return Math.max(100, Math.min(1_000, Math.floor(leaseMs / 4)));
 }
 
 /** How often a holder refreshes its leases, for a lease of `leaseMs`. */
@@ -122,6 +125,7 @@ local function take_turn(u, now, runs)
   if not run then return drop(u) end
   runs[#runs + 1] = {u, tostring(token), run[1], run[2], run[3], run[4]}
 end
+local grants = 0
 local function admit(stream, id, fields, now, nobody, runs)
   local u = fields and user_of(fields)
   if not u then
@@ -129,15 +133,33 @@ local function admit(stream, id, fields, now, nobody, runs)
     return
   end
   redis.call('ZADD', qkey(u), 0, member(stream, id))
-  if may_take(u, now) then take_turn(u, now, runs) end
+  if not may_take(u, now) then return end
+  if grants > 0 then
+    grants = grants - 1
+    take_turn(u, now, runs)
+  else
+    -- no room here: the user waits, free, for the next replica that sweeps
+    redis.call('ZADD', LEASES, 'NX', 0, u)
+  end
+end
+local function sweep(now, runs)
+  if grants <= 0 then return end
+  for _, u in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, grants)) do
+    take_turn(u, now, runs)
+  end
+  grants = 0
 end
 `;
 
-/** ARGV[6] = most entries wanted, ARGV[7] = most entries pending under this consumer, streams. */
+/**
+ * ARGV[6] = most entries wanted, ARGV[7] = most entries pending under this consumer, ARGV[8] =
+ * most users to take, then the streams.
+ */
 const READ_SCRIPT = `${LIBRARY}
 local want, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
+grants = tonumber(ARGV[8])
 local streams = {}
-for i = 8, #ARGV do streams[#streams + 1] = ARGV[i] end
+for i = 9, #ARGV do streams[#streams + 1] = ARGV[i] end
 local mine = 0
 for _, s in ipairs(streams) do
   local sum = redis.pcall('XPENDING', s, GROUP)
@@ -181,13 +203,15 @@ for k = 1, taken do
   local s, id = streams[cands[k][2]], cands[k][3]
   admit(s, id, fields[s .. ' ' .. id], now, nobody, runs)
 end
+sweep(now, runs)
 return {nobody, runs, last, n < want and 1 or 0, taken}`;
 
-/** ARGV[6..] = stream, entry id pairs pending under this consumer. */
+/** ARGV[6] = most users to take, then stream, entry id pairs pending under this consumer. */
 const ADOPT_SCRIPT = `${LIBRARY}
 local now = now_ms()
 local nobody, runs = {}, {}
-for i = 6, #ARGV - 1, 2 do
+grants = tonumber(ARGV[6])
+for i = 7, #ARGV - 1, 2 do
   local e = redis.call('XRANGE', ARGV[i], ARGV[i + 1], ARGV[i + 1])[1]
   admit(ARGV[i], ARGV[i + 1], e and e[2] or false, now, nobody, runs)
 end
@@ -195,11 +219,9 @@ return {nobody, runs}`;
 
 /** ARGV[6] = most leases to take. */
 const SWEEP_SCRIPT = `${LIBRARY}
-local now = now_ms()
 local runs = {}
-for _, u in ipairs(redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))) do
-  take_turn(u, now, runs)
-end
+grants = tonumber(ARGV[6])
+sweep(now_ms(), runs)
 return runs`;
 
 /** ARGV[6] = user, token, stream, entry id of the job that ended, '1' to release instead. */
@@ -424,14 +446,17 @@ export class UserLeases {
   /**
    * Delivers up to `count` new entries to this consumer, the oldest across the streams, unless
    * that would leave more than `cap` entries pending under it (entries it read for users other
-   * replicas hold stay pending under it until those replicas take them).
+   * replicas hold stay pending under it until those replicas take them). Takes at most `users`
+   * free users (those of the entries read, then any left free); the others wait, free, for a
+   * replica with room.
    */
-  async read(count: number, cap: number): Promise<ReadResult> {
+  async read(count: number, cap: number, users = count): Promise<ReadResult> {
     const sent = this.#clock();
     const [nobody, runs, lastIds, capped, read] = await this.#eval(
       READ_SCRIPT,
       String(count),
       String(cap),
+      String(Math.max(0, users)),
       ...this.#streams,
     ) as [RawEntry[], RawRun[], string[], number, number];
     return {
@@ -449,11 +474,13 @@ export class UserLeases {
    */
   async adopt(
     entries: readonly { stream: string; entryId: string }[],
+    users = entries.length,
   ): Promise<{ nobody: LeasedEntry[]; runs: LeasedRun[] }> {
     if (entries.length === 0) return { nobody: [], runs: [] };
     const sent = this.#clock();
     const [nobody, runs] = await this.#eval(
       ADOPT_SCRIPT,
+      String(Math.max(0, users)),
       ...entries.flatMap((e) => [e.stream, e.entryId]),
     ) as [RawEntry[], RawRun[]];
     return {
@@ -462,8 +489,9 @@ export class UserLeases {
     };
   }
 
-  /** Takes over up to `max` users whose lease expired, each with its next job. */
+  /** Takes up to `max` free users (expired leases, users left for a replica with room). */
   async sweep(max = 100): Promise<LeasedRun[]> {
+    if (max <= 0) return [];
     const sent = this.#clock();
     const runs = await this.#eval(SWEEP_SCRIPT, String(max)) as RawRun[];
     return runs.map((raw) => this.#run(raw, sent));

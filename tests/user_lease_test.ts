@@ -214,3 +214,18 @@ Deno.test("a missing group is reported as NOGROUP", async () => {
     await assert.rejects(leases(redis, "r1").read(10, 100), /NOGROUP/);
   });
 });
+
+Deno.test("a replica takes no more users than it has room for; the rest wait free for another", async () => {
+  await withRedis(async (redis) => {
+    await add(redis, "llm:intent", 1, "a");
+    await add(redis, "llm:followup", 2, "b");
+    await add(redis, "llm:intent", 3, "c");
+    const r1 = leases(redis, "r1");
+    const read = await r1.read(10, 100, 1);
+    assert.equal(read.read, 3);
+    assert.deepEqual(read.runs.map(jobOf), ["a"]);
+    const r2 = leases(redis, "r2");
+    assert.deepEqual((await r2.sweep(1)).map(jobOf), ["b"]); // r1 read it; r2 runs it
+    assert.deepEqual((await r2.read(10, 100, 5)).runs.map(jobOf), ["c"]); // a read sweeps too
+  });
+});
