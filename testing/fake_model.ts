@@ -38,6 +38,8 @@ export interface FakeModelOptions {
   answer?: (request: FakeChatRequest) => string;
   /** Told about every chat request as soon as its body is read. */
   onRequest?: (request: FakeChatRequest) => void;
+  /** Told when a chat request is answered (200 or 503), on the shared clock ({@linkcode clockMs}). */
+  onAnswered?: (request: FakeChatRequest, answeredAt: number) => void;
 }
 
 /** A running fake model server. */
@@ -199,8 +201,12 @@ export function startFakeModel(options: FakeModelOptions = {}): FakeModel {
           timerLateMs += (performance.now() - waited - asked - timerLateMs) / 16;
         }
         await gate?.promise;
-        if (state.failing) return unavailable();
+        if (state.failing) {
+          options.onAnswered?.(request, clockMs());
+          return unavailable();
+        }
         const response = completion(answer(request), request.model);
+        options.onAnswered?.(request, clockMs());
         if (target > 0) {
           state.delayed++;
           state.delayedMs += performance.now() - arrived;

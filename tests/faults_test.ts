@@ -9,7 +9,7 @@
  */
 import assert from "node:assert/strict";
 import { benchAnswer, type FakeChatRequest, tokenOf } from "../testing/fake_model.ts";
-import { random, type WorkloadJob } from "../testing/workload.ts";
+import { makeWorkload, random, seedCore, type WorkloadJob, xaddArgs } from "../testing/workload.ts";
 import type { WorkerProcess } from "../testing/worker_process.ts";
 import {
   type CaseFigures,
@@ -184,6 +184,88 @@ Deno.test("faults: soak, 1000 mixed jobs, nonsense answers, Core 503s, a worker 
       stack.model.resume();
       stack.startWorker("soak-a");
       return { jobs, faults: () => 1 + nonsense + stack.coreFaults() };
+    },
+  );
+});
+
+Deno.test("faults: three replicas, one kill -9, one SIGSTOP past its lease: each user's jobs in order, one at a time", async () => {
+  /** The model's own call log: per job token, when each of its requests came and was answered. */
+  const calls: Array<{ token: string; receivedAt: number; answeredAt?: number }> = [];
+  const open = new Map<FakeChatRequest, (typeof calls)[number]>();
+  const LEASE_MS = 1500;
+  await faultCase(
+    "3 replicas, kill -9 + SIGSTOP, per-user order",
+    {
+      latencyMs: () => 150 + Math.floor(Math.random() * 150),
+      coreLatencyMs: () => Math.floor(Math.random() * 30),
+      env: {
+        WORKER_CONCURRENCY: "8",
+        WORKER_LEASE_MS: String(LEASE_MS),
+        WORKER_CLAIM_IDLE_MS: "3000",
+      },
+      onRequest: (request) => {
+        const call = { token: tokenOf(request.text), receivedAt: request.receivedAt };
+        calls.push(call);
+        open.set(request, call);
+      },
+      onAnswered: (request, answeredAt) => {
+        open.get(request)!.answeredAt = answeredAt;
+        open.delete(request);
+      },
+    },
+    async (stack) => {
+      const a = stack.startWorker("order-a");
+      const b = stack.startWorker("order-b");
+      stack.startWorker("order-c");
+      // 300 jobs of the five types over 30 users, each user's jobs interleaved with the
+      // others' and spread over the streams. Explicit entry ids, one millisecond apart, make
+      // the order across streams total (Core's `*` ids may tie within a millisecond).
+      const jobs = makeWorkload({ count: 300, users: 30, seed: 21, images: stack.images });
+      for (const job of jobs) job.userId += 5000;
+      seedCore(stack.core, jobs);
+      const base = Date.now();
+      const order = new Map(jobs.map((job, i) => [job.token, i]));
+      const pipeline = stack.client.pipeline();
+      jobs.forEach((job, i) => {
+        const [stream, , ...fields] = xaddArgs(job);
+        pipeline.xadd(stream, `${base + i}-0`, ...fields);
+      });
+      await pipeline.exec();
+      assert.equal(new Set(jobs.map((job) => job.jobType)).size, 5);
+      await until(stack, () => ended(stack, jobs) >= 50, "the first jobs");
+      await stack.holdInsideModelCalls();
+      await a.kill("SIGKILL");
+      stack.model.resume();
+      await until(stack, () => ended(stack, jobs) >= 120, "more jobs");
+      await stack.holdInsideModelCalls();
+      b.child.kill("SIGSTOP");
+      stack.model.resume();
+      // Paused for three lease times: its users are taken over meanwhile.
+      await new Promise((resolve) => setTimeout(resolve, 3 * LEASE_MS));
+      b.child.kill("SIGCONT");
+      await stack.waitForEnd(jobs, 90_000);
+      // From the model's call log: per user, no request while an earlier one is unanswered,
+      // and the jobs in entry-id order (a job interrupted by a fault may be asked again next).
+      const userOf = new Map(jobs.map((job) => [job.token, job.userId]));
+      const problems: string[] = [];
+      const byUser = Map.groupBy(calls, (call) => userOf.get(call.token));
+      assert.ok(!byUser.has(undefined), "every model request names its job");
+      for (const [user, list] of byUser) {
+        list.sort((x, y) => x.receivedAt - y.receivedAt);
+        for (let i = 1; i < list.length; i++) {
+          const before = list[i - 1];
+          if (before.answeredAt === undefined || list[i].receivedAt < before.answeredAt) {
+            problems.push(`user ${user}: ${list[i].token} asked while ${before.token} ran`);
+          }
+          if (order.get(list[i].token)! < order.get(before.token)!) {
+            problems.push(`user ${user}: ${list[i].token} ran after ${before.token}`);
+          }
+        }
+      }
+      const asked = new Set(calls.map((call) => call.token));
+      for (const job of jobs) if (!asked.has(job.token)) problems.push(`${job.token} never ran`);
+      assert.deepEqual(problems, []);
+      return { jobs, faults: () => 2 };
     },
   );
 });

@@ -4,8 +4,9 @@
  * starts one; plus the final audit: every job ended in Core, nothing pending, no effect or
  * notification twice.
  *
- * Every job has its own user, so each notification can be traced back to its job (`llm_failure`
- * carries no job id).
+ * Every job enqueued by the stack has its own user, so each notification can be traced back to its
+ * job (`llm_failure` carries no job id); jobs that share users are audited by the job token each
+ * result notification carries.
  *
  * @module
  */
@@ -32,6 +33,10 @@ export interface FaultStackOptions {
   appendOnly?: boolean;
   /** Model latency (ms), fixed or per request. */
   latencyMs?: number | ((request: FakeChatRequest) => number);
+  /** Told about every chat request as it arrives (the model's own call log). */
+  onRequest?: (request: FakeChatRequest) => void;
+  /** Told when each chat request is answered, on the shared clock. */
+  onAnswered?: (request: FakeChatRequest, answeredAt: number) => void;
   /** The model's answer (default: a valid one, `testing/fake_model.ts`). */
   answer?: (request: FakeChatRequest) => string;
   /** Settings for every worker (on top of the stack's). */
@@ -128,7 +133,12 @@ export async function startFaultStack(options: FaultStackOptions = {}): Promise<
   client.on("error", () => {}); // Redis is restarted on purpose
   const core = startCoreEmulator({ recordRequests: false });
   const proxy = startCoreProxy(core.url, options.coreLatencyMs);
-  const modelOptions = { latencyMs: options.latencyMs, answer: options.answer };
+  const modelOptions = {
+    latencyMs: options.latencyMs,
+    answer: options.answer,
+    onRequest: options.onRequest,
+    onAnswered: options.onAnswered,
+  };
   let model = startFakeModel(modelOptions);
   const port = model.port;
   const imageDir = await Deno.makeTempDir({ prefix: "llm-worker-faults-" });
@@ -238,7 +248,14 @@ export async function startFaultStack(options: FaultStackOptions = {}): Promise<
       const notifications = (await client.xrange(NOTIFY_STREAM, "-", "+")).map(([, fields]) =>
         JSON.parse(fields[1]) as { user_id: number; message_type: string; content: unknown }
       );
-      const byUser = Map.groupBy(notifications, (n) => n.user_id);
+      // With a user per job a notification is traced by its user; with users shared by several
+      // jobs, by the job token in its content (results always carry it).
+      const shared = new Set(jobs.map((job) => job.userId)).size < jobs.length;
+      const byUser = Map.groupBy(
+        notifications,
+        (n): string | number | undefined =>
+          shared ? /J\d+/.exec(JSON.stringify(n.content))?.[0] : n.user_id,
+      );
       const memories = Map.groupBy(
         [...core.state.memories.values()].filter((m) => m.content?.startsWith("Note J")),
         (m) => /J\d+/.exec(m.content ?? "")?.[0],
@@ -255,7 +272,7 @@ export async function startFaultStack(options: FaultStackOptions = {}): Promise<
           continue;
         }
         if (status === "failed") failed++;
-        const sent = byUser.get(job.userId) ?? [];
+        const sent = byUser.get(shared ? job.token : job.userId) ?? [];
         const waiting = sent.filter((n) =>
           n.message_type === "llm_failure" && /unavailable/.test(JSON.stringify(n.content))
         );
