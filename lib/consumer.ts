@@ -1,7 +1,11 @@
 /**
- * The consumer: reads the five job streams with one blocking `XREADGROUP`, runs each job through
- * its handler, and ends it exactly as docs/protocol.md section 4 says (PATCH, notify, XACK), with
+ * The consumer: reads the five job streams through the per-user leases, runs each job through its
+ * handler, and ends it exactly as docs/protocol.md section 4 says (PATCH, notify, XACK), with
  * retries, stalled-entry recovery and a graceful stop.
+ *
+ * A job of a user runs only under the user's lease ({@linkcode UserLeases}): its Redis writes are
+ * fenced by the lease's token, its model requests and Core effects check the lease first, and its
+ * end hands this replica the user's next job. Each replica takes only the users it has room for.
  *
  * It wires three parts along their seams, as BullMQ's `Worker` sits beside its `LockManager`:
  * {@linkcode StreamReader} (reading and recovery), {@linkcode EntryLeases} (the entries held,
@@ -16,6 +20,7 @@ import type { Settings } from "./config.ts";
 import type { CoreApiClient } from "./core_api.ts";
 import type { JobHandler } from "./handlers/types.ts";
 import type { JobType } from "./job.ts";
+import { LeaseLostError } from "./errors.ts";
 import type { JobLedger } from "./ledger.ts";
 import { EntryLeases } from "./leases.ts";
 import { describeError, logger } from "./log.ts";
@@ -25,7 +30,14 @@ import { type ConsumerEvents, JobRunner } from "./runner.ts";
 import { JobScheduler } from "./scheduler.ts";
 import { ensureGroups, JOB_STREAMS, moveToDead } from "./streams.ts";
 import { sleep } from "./utils.ts";
-import type { WorkItem } from "./work_item.ts";
+import {
+  type LeasedEntry,
+  type LeasedRun,
+  refreshIntervalMs,
+  sweepIntervalMs,
+  UserLeases,
+} from "./user_lease.ts";
+import { entryKey, type WorkItem, workItem } from "./work_item.ts";
 
 export { type ConsumerEvents, ENDED_OUTCOMES, type JobOutcome } from "./runner.ts";
 
@@ -55,6 +67,8 @@ export interface ConsumerOptions {
   blockMs?: number;
   /** Streams to read (default: the five job streams). */
   streams?: readonly string[];
+  /** The per-user leases (default: over `redis`, `WORKER_LEASE_MS` long). */
+  userLeases?: UserLeases;
 }
 
 /**
@@ -78,6 +92,15 @@ export class Consumer {
   readonly #leases: EntryLeases;
   readonly #reader: StreamReader;
   readonly #runner: JobRunner;
+  readonly #users: UserLeases;
+  readonly #ledger: JobLedger;
+  /** The most jobs running at once. */
+  readonly #maxRunning: number;
+  /** Runs whose entry an earlier item still holds (a lease lost in a pause and taken back). */
+  readonly #deferred = new Map<string, WorkItem>();
+  /** Aborted once the drain is over: the leases are no longer refreshed. */
+  readonly #drained = new AbortController();
+  #refreshing?: Promise<void>;
   /** Aborted when the consumer starts stopping: the reader and the waits end. */
   readonly #stopping = new AbortController();
   /** Aborted when the drain time is over: jobs still running are cut short. */
@@ -99,6 +122,15 @@ export class Consumer {
     // held 4 MB more at the peak of run 1 of the bench for the same throughput). Entries held in
     // memory (queued behind their user) are bounded too.
     const maxHeld = Math.max(4 * concurrency, 32);
+    this.#maxRunning = maxRunningJobs(concurrency);
+    this.#ledger = options.ledger;
+    this.#users = options.userLeases ?? new UserLeases({
+      redis: this.#redis,
+      consumer: this.#s.workerConsumerName,
+      leaseMs: this.#s.workerLeaseMs,
+      streams: this.#streams,
+    });
+    const fenced = new WeakMap<WorkItem, JobLedger>();
     this.#runner = new JobRunner({
       settings: this.#s,
       ledger: options.ledger,
@@ -110,11 +142,22 @@ export class Consumer {
       now: options.now,
       moveToDead: (item, reason) =>
         moveToDead(this.#redis, item.stream, item.entryId, reason, item.fields),
-      release: (item) => this.#leases.release(item),
+      release: (item) => this.#release(item),
       signal: this.#hardStop.signal,
+      storeFor: (item) => {
+        if (!item.lease) return this.#ledger;
+        let ledger = fenced.get(item);
+        if (!ledger) fenced.set(item, ledger = this.#ledger.fenced(this.#users.fence(item.lease)));
+        return ledger;
+      },
+      guard: (item) => {
+        const lease = item.lease;
+        return lease ? () => this.#users.check(lease) : undefined;
+      },
+      handOn: (item) => this.#handOn(item),
     });
     this.#scheduler = new JobScheduler<WorkItem>({
-      maxRunning: maxRunningJobs(concurrency),
+      maxRunning: this.#maxRunning,
       run: (item) => this.#runner.run(item),
       onError: (item, error) =>
         this.#log.error("Unexpected error in job {entryId} from {stream}: {error}", {
@@ -128,9 +171,9 @@ export class Consumer {
       consumerName: this.#s.workerConsumerName,
       claimIdleMs: this.#s.workerClaimIdleMs,
       streams: this.#streams,
-      staged: () => this.#reader.staged,
+      maxPending: 4 * maxHeld + 100,
       room: () => maxHeld - this.#scheduler.held,
-      admit: (item) => this.#admit(item),
+      adopt: (entries) => this.#adopt(entries),
     });
     this.#reader = new StreamReader({
       redis: this.#redis,
@@ -141,7 +184,12 @@ export class Consumer {
       maxHeld,
       scheduler: this.#scheduler,
       health: options.health,
-      admit: (item) => this.#admit(item),
+      read: async (room) => {
+        const read = await this.#users.read(room, maxHeld, this.#userRoom());
+        this.#admitLeased(read.nobody, read.runs, false);
+        return read;
+      },
+      adopt: (entries) => this.#adopt(entries),
       claimStalled: () => this.#leases.claimStalled(),
       now: options.now ?? Date.now,
     });
@@ -159,7 +207,7 @@ export class Consumer {
 
   /** Entries held in memory (read and not yet handed over, queued, running or waiting). */
   get held(): number {
-    return this.#scheduler.held + this.#reader.staged.length;
+    return this.#scheduler.held;
   }
 
   /**
@@ -171,7 +219,17 @@ export class Consumer {
     this.#running = true;
     const signal = this.#stopping.signal;
     const leases = this.#leases.start(signal);
-    this.#loops = [this.#reader.run(signal), ...leases];
+    this.#loops = [
+      this.#reader.run(signal),
+      ...leases,
+      this.#every(sweepIntervalMs(this.#users.leaseMs), () => this.#sweep(), signal),
+    ];
+    // Leases are refreshed until the drain is over: jobs finishing then keep their users.
+    this.#refreshing = this.#every(
+      refreshIntervalMs(this.#users.leaseMs),
+      () => this.#refresh(),
+      this.#drained.signal,
+    );
   }
 
   /**
@@ -210,17 +268,140 @@ export class Consumer {
       this.#hardStop.abort(new Error("the drain time is over"));
       await this.#scheduler.drain(5_000);
     }
+    this.#drained.abort(new Error("the drain is over"));
+    await this.#refreshing;
+    // Users whose jobs did not end here go to other replicas at their next sweep.
+    await this.#users.releaseAll().catch((error) =>
+      this.#log.warn("Could not give the users' leases up ({message}); they expire.", {
+        message: describeError(error),
+      })
+    );
     this.#log.info("Stopped; {left} entr(y/ies) left unacknowledged for the next consumer.", {
       left: left + this.#scheduler.running,
     });
   }
 
-  /** Hands an entry to the scheduler unless it is held already; true when it was new. */
+  /**
+   * Hands an entry to the scheduler unless it is held already; true when it was new. A run whose
+   * entry an earlier item still holds (a lease lost in a pause and taken back) starts once that
+   * item has left.
+   */
   #admit(item: WorkItem): boolean {
-    if (!this.#leases.add(item)) return false;
+    if (!this.#leases.add(item)) {
+      if (item.lease) this.#deferred.set(entryKey(item.stream, item.entryId), item);
+      return false;
+    }
     const placed = this.#scheduler.add(item);
     if (this.#log.isEnabledFor("debug")) this.#logRead(item, placed);
     return true;
+  }
+
+  /** An item is over (ended, dead-lettered, or its lease lost): a deferred run may start. */
+  #release(item: WorkItem): void {
+    this.#leases.release(item);
+    const key = entryKey(item.stream, item.entryId);
+    const next = this.#deferred.get(key);
+    if (next && next !== item) {
+      this.#deferred.delete(key);
+      this.#admit(next);
+    }
+  }
+
+  /** Hands entries of nobody and the runs of users granted to this replica to the scheduler. */
+  #admitLeased(nobody: LeasedEntry[], runs: LeasedRun[], redelivered: boolean): number {
+    let added = 0;
+    for (const entry of nobody) {
+      if (this.#admit(workItem(entry.stream, entry.entryId, entry.fields, redelivered))) added++;
+    }
+    for (const run of runs) {
+      const item = workItem(run.stream, run.entryId, run.fields, run.redelivered, run.lease);
+      if (this.#admit(item)) added++;
+    }
+    return added;
+  }
+
+  /** Takes entries pending under this consumer over (recovered or claimed). */
+  async #adopt(entries: Array<{ stream: string; entryId: string }>): Promise<number> {
+    const fresh = entries.filter((e) => !this.#leases.has(e.stream, e.entryId));
+    const { nobody, runs } = await this.#users.adopt(fresh, this.#userRoom());
+    return this.#admitLeased(nobody, runs, true);
+  }
+
+  /**
+   * After a job of a user ended (acknowledged): its entry leaves the user's queue and this
+   * replica runs the user's next job, or gives the lease up when there is none (or when it
+   * stops). A failure to reach Redis is tried again; a lost lease ends it.
+   */
+  async #handOn(item: WorkItem): Promise<void> {
+    const lease = item.lease;
+    if (!lease) return;
+    for (let attempt = 0;; attempt++) {
+      try {
+        const next = await this.#users.advance(lease, item, this.#stopping.signal.aborted);
+        if (next) this.#admitLeased([], [next], false);
+        // A user given up leaves room: take a user left free, if any, at once.
+        else if (!this.#stopping.signal.aborted) await this.#sweep().catch(() => {});
+        return;
+      } catch (error) {
+        if (error instanceof LeaseLostError) return;
+        if (attempt === 0) {
+          this.#log.warn("Could not hand user {userId} on yet: {message}", {
+            userId: lease.userId,
+            message: describeError(error),
+          });
+        }
+        // After the drain the lease is left to expire: another replica takes the user then.
+        if (this.#hardStop.signal.aborted) return;
+        await sleep(1_000);
+      }
+    }
+  }
+
+  /**
+   * How many more users this replica takes: as many as it runs jobs at once, not counting those
+   * waiting for a retry, so users spread over the replicas with room.
+   */
+  #userRoom(): number {
+    return this.#maxRunning + this.#scheduler.waiting - this.#users.held;
+  }
+
+  /** Refreshes the leases held; jobs of a lease found lost stop at their next step. */
+  async #refresh(): Promise<void> {
+    const lost = await this.#users.refresh();
+    if (lost.length === 0) return;
+    this.#log.warn(
+      "Lost the lease of {n} user(s) to another replica (this one was paused or cut off); their jobs stop here.",
+      { n: lost.length },
+    );
+    this.#leases.forEach((item) => {
+      if (item.lease?.lost) item.lostWake?.resolve();
+    });
+  }
+
+  /** Takes free users: those whose holder let its lease expire, and those left for room. */
+  async #sweep(): Promise<void> {
+    if (this.#stopping.signal.aborted) return;
+    const runs = await this.#users.sweep(this.#userRoom());
+    if (runs.length === 0) return;
+    const taken = runs.filter((run) => run.redelivered).length;
+    if (taken > 0) {
+      this.#log.info("Took over {n} user(s) whose replica stopped refreshing its lease.", {
+        n: taken,
+      });
+    }
+    this.#admitLeased([], runs, true);
+  }
+
+  async #every(intervalMs: number, task: () => Promise<void>, signal: AbortSignal): Promise<void> {
+    while (!signal.aborted) {
+      try {
+        await sleep(intervalMs, signal);
+        await task();
+      } catch (error) {
+        if (signal.aborted) return;
+        this.#log.warn("Background task failed: {message}", { message: describeError(error) });
+      }
+    }
   }
 
   #logRead(item: WorkItem, placed: "scheduled" | "queued" | "refused"): void {

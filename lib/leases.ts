@@ -1,8 +1,10 @@
 /**
  * The entries a consumer holds, and keeping them its own (as BullMQ's `LockManager` keeps a
- * worker's locks): every `WORKER_CLAIM_IDLE_MS / 4` their idle time is reset, so no replica claims
- * work that is still alive, and every `WORKER_CLAIM_IDLE_MS / 2` (at most every minute) entries
- * another consumer has held longer than `WORKER_CLAIM_IDLE_MS` are claimed.
+ * worker's locks): every `WORKER_CLAIM_IDLE_MS / 4` the idle time of every entry pending under
+ * it is reset (those it runs, and those it read for users another replica holds), so no replica
+ * claims work that is still alive, and every `WORKER_CLAIM_IDLE_MS / 2` (at most every minute)
+ * entries another consumer has held longer than `WORKER_CLAIM_IDLE_MS` are claimed. Users' order
+ * is kept by the users' leases (lib/user_lease.ts), not here.
  *
  * An entry is held from its read (or claim) until it is acknowledged or left for another
  * consumer; the same entry is never held twice.
@@ -12,9 +14,9 @@
 import type { Logger } from "@logtape/logtape";
 import type { Redis } from "ioredis";
 import { describeError, logger } from "./log.ts";
-import { compareEntryIds, GROUP } from "./streams.ts";
+import { GROUP } from "./streams.ts";
 import { sleep } from "./utils.ts";
-import { entryKey, type WorkItem, workItem } from "./work_item.ts";
+import { entryKey, type WorkItem } from "./work_item.ts";
 
 /** Options of {@linkcode EntryLeases}. */
 export interface EntryLeasesOptions {
@@ -26,12 +28,12 @@ export interface EntryLeasesOptions {
   claimIdleMs: number;
   /** The streams read. */
   streams: readonly string[];
-  /** Entries read but not handed over yet: held all the same. */
-  staged: () => readonly WorkItem[];
+  /** The most entries pending under this consumer (heartbeat's bound). */
+  maxPending: number;
   /** How many more entries may be held now. */
   room: () => number;
-  /** Hands a claimed entry over (it is added to the held ones there). */
-  admit: (item: WorkItem) => void;
+  /** Takes claimed entries over (queued for their users; those this replica runs, handed over). */
+  adopt: (entries: Array<{ stream: string; entryId: string }>) => Promise<unknown>;
 }
 
 /**
@@ -40,7 +42,7 @@ export interface EntryLeasesOptions {
  * @example
  * ```ts ignore
  * const leases = new EntryLeases({ redis, consumerName: "w1", claimIdleMs: 600_000,
- *   streams: JOB_STREAMS, staged: () => [], room: () => 32, admit: (item) => leases.add(item) });
+ *   streams: JOB_STREAMS, maxPending: 128, room: () => 32, adopt });
  * const loops = leases.start(stopping.signal);
  * ```
  */
@@ -49,9 +51,9 @@ export class EntryLeases {
   readonly #consumerName: string;
   readonly #claimIdleMs: number;
   readonly #streams: readonly string[];
-  readonly #staged: () => readonly WorkItem[];
+  readonly #maxPending: number;
   readonly #room: () => number;
-  readonly #admit: (item: WorkItem) => void;
+  readonly #adopt: (entries: Array<{ stream: string; entryId: string }>) => Promise<unknown>;
   readonly #log: Logger = logger("consumer");
   /** Entries held in memory, by {@linkcode entryKey}. */
   readonly #held = new Map<string, WorkItem>();
@@ -63,9 +65,9 @@ export class EntryLeases {
     this.#consumerName = options.consumerName;
     this.#claimIdleMs = options.claimIdleMs;
     this.#streams = options.streams;
-    this.#staged = options.staged;
+    this.#maxPending = options.maxPending;
     this.#room = options.room;
-    this.#admit = options.admit;
+    this.#adopt = options.adopt;
   }
 
   /** Holds `item` unless an entry with its key is held already; true when it was new. */
@@ -76,9 +78,20 @@ export class EntryLeases {
     return true;
   }
 
+  /** True while an entry is held. */
+  has(stream: string, entryId: string): boolean {
+    return this.#held.has(entryKey(stream, entryId));
+  }
+
+  /** Calls `visit` with every entry held. */
+  forEach(visit: (item: WorkItem) => void): void {
+    for (const item of this.#held.values()) visit(item);
+  }
+
   /** Stops holding `item` (acknowledged, or dead-lettered). */
   release(item: WorkItem): void {
-    this.#held.delete(entryKey(item.stream, item.entryId));
+    const key = entryKey(item.stream, item.entryId);
+    if (this.#held.get(key) === item) this.#held.delete(key);
   }
 
   /**
@@ -104,7 +117,7 @@ export class EntryLeases {
         if (this.#signal.aborted) return;
         const room = this.#room();
         if (room <= 0) return;
-        const [next, entries] = await this.#redis.xautoclaim(
+        const [next, ids] = await this.#redis.xautoclaim(
           stream,
           GROUP,
           this.#consumerName,
@@ -112,47 +125,32 @@ export class EntryLeases {
           cursor,
           "COUNT",
           room,
-        ) as [string, Array<[string, string[] | null]>, string[]];
-        for (const [id, fields] of entries) {
-          if (this.#held.has(entryKey(stream, id))) continue;
+          "JUSTID",
+        ) as [string, string[], string[]];
+        const claimed = ids.filter((id) => !this.#held.has(entryKey(stream, id)));
+        for (const id of claimed) {
           this.#log.info("Claimed stalled entry {id} from {stream}.", { id, stream });
-          this.#admit(workItem(stream, id, fields, true));
         }
+        await this.#adopt(claimed.map((entryId) => ({ stream, entryId })));
         cursor = next;
       } while (cursor !== "0-0");
     }
   }
 
-  /** Resets the idle time of the entries this consumer holds, so no replica claims them. */
+  /**
+   * Resets the idle time of every entry pending under this consumer, in one step per stream (so
+   * an entry another replica takes meanwhile is never taken back).
+   */
   async heartbeat(): Promise<void> {
-    const byStream = new Map<string, string[]>();
-    for (const item of [...this.#held.values(), ...this.#staged()]) {
-      const ids = byStream.get(item.stream) ?? [];
-      ids.push(item.entryId);
-      byStream.set(item.stream, ids);
-    }
-    for (const [stream, ids] of byStream) {
-      const pending = await this.#redis.xpending(
+    for (const stream of this.#streams) {
+      await this.#redis.eval(
+        HEARTBEAT_SCRIPT,
+        1,
         stream,
         GROUP,
-        ids.reduce((a, b) => compareEntryIds(a, b) <= 0 ? a : b),
-        "+",
-        ids.length + 100,
         this.#consumerName,
-      ) as Array<[string, string, number, number]>;
-      const ours = new Set(pending.map(([id]) => id));
-      const mine = ids.filter((id) => ours.has(id));
-      for (const id of ids) {
-        if (!ours.has(id)) {
-          this.#log.warn(
-            "Entry {id} of {stream} is no longer ours (another consumer claimed it).",
-            { id, stream },
-          );
-        }
-      }
-      if (mine.length > 0) {
-        await this.#redis.xclaim(stream, GROUP, this.#consumerName, 0, ...mine, "JUSTID");
-      }
+        this.#maxPending,
+      );
     }
   }
 
@@ -169,3 +167,14 @@ export class EntryLeases {
     }
   }
 }
+
+/** `heartbeat`: KEYS = job stream; ARGV = group, consumer, most entries. */
+const HEARTBEAT_SCRIPT = `
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]), ARGV[2])
+for i = 1, #pending, 100 do
+  local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+  for j = i, math.min(i + 99, #pending) do args[#args + 1] = pending[j][1] end
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
+end
+return #pending`;

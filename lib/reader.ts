@@ -1,26 +1,36 @@
 /**
- * Reading the job streams, and taking back what was lost: one blocking `XREADGROUP` over every
- * job stream, in batches once a quarter of the room is free; this consumer's own pending entries
- * read again at start and after every reconnect; a missing group created again.
+ * Reading the job streams, and taking back what was lost: reads through the per-user leases
+ * (lib/user_lease.ts: the oldest new entries across the streams, each queued for its user), in
+ * batches once a quarter of the room is free, waiting with a blocking `XREAD` when nothing is
+ * new; this consumer's own pending entries taken back at start and after every reconnect; a
+ * missing group created again.
  *
- * Invariant: a user's entries reach the scheduler in entry-id order across all streams. A stream
- * whose read filled its COUNT may hold entries older than those read from another stream, so
- * entries past that stream's last id are staged (held, not yet handed over) until it is read
- * further.
+ * Invariant: a user's entries are queued for the user in Redis in the step that delivers them, so
+ * no replica runs one before an older entry of the same user.
  *
  * @module
  */
 import type { Logger } from "@logtape/logtape";
 import type { Redis } from "ioredis";
 import { describeError, logger } from "./log.ts";
-import { compareEntryIds, ensureGroups, GROUP } from "./streams.ts";
-import { entryKey, type WorkItem, workItem } from "./work_item.ts";
+import { ensureGroups, GROUP } from "./streams.ts";
+import { sleep } from "./utils.ts";
+
+/** What one read delivered (see `UserLeases.read`). */
+export interface ReadSummary {
+  /** Entries delivered to this consumer. */
+  read: number;
+  /** Fewer were read than asked because too many entries are pending under this consumer. */
+  capped: boolean;
+  /** Per stream, the group's last delivered id after the read. */
+  lastIds: string[];
+}
 
 /** Options of {@linkcode StreamReader}. */
 export interface StreamReaderOptions {
   /** Connection for ordinary commands (groups; its reconnects count too). */
   redis: Redis;
-  /** A second connection, for the blocking `XREADGROUP` only. */
+  /** A second connection, for the blocking `XREAD` only. */
   reader: Redis;
   /** This consumer's name in the group. */
   consumerName: string;
@@ -37,8 +47,10 @@ export interface StreamReaderOptions {
   };
   /** Reading waits while the model server is down. */
   health: { untilAvailable(signal?: AbortSignal): Promise<void> };
-  /** Hands an entry over; false when it is held already. */
-  admit: (item: WorkItem) => boolean;
+  /** Reads up to `room` new entries and hands over those this replica runs. */
+  read: (room: number) => Promise<ReadSummary>;
+  /** Takes back entries pending under this consumer; answers how many were handed over. */
+  adopt: (entries: Array<{ stream: string; entryId: string }>) => Promise<number>;
   /** Claims stalled entries of other consumers (once, after the own pending list). */
   claimStalled: () => Promise<void>;
   /** The clock in ms. */
@@ -52,7 +64,7 @@ export interface StreamReaderOptions {
  * ```ts ignore
  * const reader = new StreamReader({ redis, reader: blocking, consumerName: "w1",
  *   streams: JOB_STREAMS, blockMs: 1000, maxHeld: 32, scheduler, health, now: Date.now,
- *   admit: (item) => leases.add(item), claimStalled: () => leases.claimStalled() });
+ *   read, adopt, claimStalled: () => leases.claimStalled() });
  * const loop = reader.run(stopping.signal);
  * ```
  */
@@ -65,12 +77,11 @@ export class StreamReader {
   readonly #maxHeld: number;
   readonly #scheduler: StreamReaderOptions["scheduler"];
   readonly #health: StreamReaderOptions["health"];
-  readonly #admit: (item: WorkItem) => boolean;
+  readonly #read: (room: number) => Promise<ReadSummary>;
+  readonly #adopt: (entries: Array<{ stream: string; entryId: string }>) => Promise<number>;
   readonly #claimStalled: () => Promise<void>;
   readonly #now: () => number;
   readonly #log: Logger = logger("consumer");
-  /** Entries read but not handed to the scheduler yet (see `#readEntries`); ours all the same. */
-  #staged: WorkItem[] = [];
   #signal: AbortSignal = new AbortController().signal;
   #lastReadError = 0;
   /** Set when a Redis connection came back: the read loop reads our pending list again. */
@@ -86,14 +97,10 @@ export class StreamReader {
     this.#maxHeld = options.maxHeld;
     this.#scheduler = options.scheduler;
     this.#health = options.health;
-    this.#admit = options.admit;
+    this.#read = options.read;
+    this.#adopt = options.adopt;
     this.#claimStalled = options.claimStalled;
     this.#now = options.now;
-  }
-
-  /** Entries read but not handed over yet (held all the same: the heartbeat keeps them). */
-  get staged(): readonly WorkItem[] {
-    return this.#staged;
   }
 
   /**
@@ -125,13 +132,8 @@ export class StreamReader {
     await this.#claimStalled().catch((error) => {
       if (!signal.aborted) return this.#onRedisError(error);
     });
-    // A user's jobs run in entry-id order across all streams. A stream whose read filled its
-    // COUNT may hold entries older than those read from another stream: entries past the oldest
-    // such stream's last id ("frontier") are staged until that stream is read further.
-    /** Streams whose last read filled its COUNT, with the last id read from each. */
-    const ahead = new Map<string, string>();
-    // A busy worker reads in batches, once a quarter of its room is free: one read and one sort
-    // then serve many jobs instead of one (an idle worker reads at once).
+    // A busy worker reads in batches, once a quarter of its room is free: one read then serves
+    // many jobs instead of one (an idle worker reads at once).
     const batch = Math.max(1, Math.floor(this.#maxHeld / 4));
     while (!signal.aborted) {
       try {
@@ -142,38 +144,9 @@ export class StreamReader {
         await this.#health.untilAvailable(signal);
         await this.#scheduler.whenHeldBelow(this.#maxHeld - batch + 1, signal);
         const room = Math.max(1, this.#maxHeld - this.#scheduler.held);
-        let frontier = oldestOf(ahead.values());
-        // Only the streams that hold the frontier back are read while entries are staged; the
-        // others are ahead of it already.
-        const streams = frontier === undefined
-          ? this.#streams
-          : [...ahead].filter(([, last]) => last === frontier).map(([stream]) => stream);
-        const reply = await this.#xreadgroup(
-          streams,
-          ">",
-          room,
-          frontier === undefined ? this.#blockMs : undefined,
-        );
-        if (signal.aborted) break; // entries read now stay pending for recovery
-        for (const stream of streams) ahead.delete(stream);
-        const items = this.#staged;
-        for (const [stream, entries] of reply) {
-          if (entries.length >= room) ahead.set(stream, entries[entries.length - 1][0]);
-          for (const [id, fields] of entries) items.push(workItem(stream, id, fields, false));
-        }
-        items.sort((a, b) => compareEntryIds(a.entryId, b.entryId));
-        frontier = oldestOf(ahead.values());
-        let admitted = items.length;
-        if (frontier !== undefined) {
-          admitted = 0;
-          while (
-            admitted < items.length && compareEntryIds(items[admitted].entryId, frontier) <= 0
-          ) {
-            admitted++;
-          }
-        }
-        this.#staged = items.slice(admitted);
-        for (let i = 0; i < admitted; i++) this.#admit(items[i]);
+        const read = await this.#read(room);
+        if (signal.aborted) break; // a stopped scheduler takes nothing: they stay pending
+        if (read.read < room) await this.#waitForEntries(read, signal);
       } catch (error) {
         if (signal.aborted) break;
         await this.#onRedisError(error);
@@ -182,32 +155,46 @@ export class StreamReader {
   }
 
   /**
-   * Reads this consumer's own pending entries: at start, those of a previous run under the same
-   * name; `again` after a reconnect, those whose delivery was lost with the connection (the
-   * entries already held are skipped, so at most one lost read's worth is added past the room).
+   * Waits for entries newer than the last read (at most `blockMs`); with too many entries pending
+   * under this consumer, for a moment, while the replicas that hold their users take them.
+   */
+  async #waitForEntries(read: ReadSummary, signal: AbortSignal): Promise<void> {
+    if (read.capped) return await sleep(Math.min(this.#blockMs, 100), signal);
+    await this.#reader.call(
+      "XREAD",
+      "COUNT",
+      1,
+      "BLOCK",
+      this.#blockMs,
+      "STREAMS",
+      ...this.#streams,
+      ...read.lastIds,
+    );
+  }
+
+  /**
+   * Takes back this consumer's own pending entries: at start, those of a previous run under the
+   * same name (and its users' leases, at once); `again` after a reconnect, those whose delivery
+   * was lost with the connection (the entries already held are skipped).
    */
   async #recoverOwnPending(again = false): Promise<void> {
     const signal = this.#signal;
     let recovered = 0;
-    // Staged entries are ours and known; they wait for their turn (see `#readEntries`).
-    const staged = new Set(this.#staged.map((item) => entryKey(item.stream, item.entryId)));
     for (const stream of this.#streams) {
-      let after = "0";
+      let after = "-";
       while (!signal.aborted) {
         try {
-          if (!again) await this.#scheduler.whenHeldBelow(this.#maxHeld, signal);
-          const reply = await this.#xreadgroup(
-            [stream],
+          const pending = await this.#redis.xpending(
+            stream,
+            GROUP,
             after,
-            again ? this.#maxHeld : this.#maxHeld - this.#scheduler.held,
-          );
-          const entries = reply[0]?.[1] ?? [];
-          if (entries.length === 0) break;
-          for (const [id, fields] of entries) {
-            if (staged.has(entryKey(stream, id))) continue;
-            if (this.#admit(workItem(stream, id, fields, true))) recovered++;
-          }
-          after = entries[entries.length - 1][0];
+            "+",
+            this.#maxHeld,
+            this.#consumerName,
+          ) as Array<[string, string, number, number]>;
+          if (pending.length === 0) break;
+          recovered += await this.#adopt(pending.map(([entryId]) => ({ stream, entryId })));
+          after = `(${pending[pending.length - 1][0]}`;
         } catch (error) {
           if (signal.aborted) return;
           await this.#onRedisError(error);
@@ -220,19 +207,6 @@ export class StreamReader {
         { n: recovered },
       );
     }
-  }
-
-  async #xreadgroup(
-    streams: readonly string[],
-    after: string,
-    count: number,
-    blockMs?: number,
-  ): Promise<Array<[string, Array<[string, string[] | null]>]>> {
-    const args: (string | number)[] = ["GROUP", GROUP, this.#consumerName, "COUNT", count];
-    if (blockMs !== undefined) args.push("BLOCK", blockMs);
-    args.push("STREAMS", ...streams, ...streams.map(() => after));
-    const reply = await this.#reader.call("XREADGROUP", ...args);
-    return (reply ?? []) as Array<[string, Array<[string, string[] | null]>]>;
   }
 
   async #onRedisError(error: unknown): Promise<void> {
@@ -252,11 +226,4 @@ export class StreamReader {
     }
     await new Promise((resolve) => setTimeout(resolve, 1000));
   }
-}
-
-/** The oldest of some entry ids (`undefined` for none). */
-function oldestOf(ids: Iterable<string>): string | undefined {
-  let oldest: string | undefined;
-  for (const id of ids) if (oldest === undefined || compareEntryIds(id, oldest) < 0) oldest = id;
-  return oldest;
 }

@@ -12,7 +12,7 @@
 import type { Logger } from "@logtape/logtape";
 import type { Settings } from "./config.ts";
 import { type CoreApiClient, CoreApiError } from "./core_api.ts";
-import { InvalidAnswerError, JobFailedError } from "./errors.ts";
+import { InvalidAnswerError, JobFailedError, LeaseLostError } from "./errors.ts";
 import { HANDLERS } from "./handlers/mod.ts";
 import type { HandlerResult, JobHandler } from "./handlers/types.ts";
 import type { Job, JobType } from "./job.ts";
@@ -99,6 +99,12 @@ export interface JobRunnerOptions {
   release: (item: WorkItem) => void;
   /** Aborted when the drain time is over: jobs still running are cut short. */
   signal?: AbortSignal;
+  /** The ledger for an item: fenced by its user's lease (default: `ledger`). */
+  storeFor?: (item: WorkItem) => JobStore;
+  /** Checks the item's lease before a model request or a Core effect; none for nobody's jobs. */
+  guard?: (item: WorkItem) => (() => Promise<void>) | undefined;
+  /** After an item ended (acknowledged): hands its user on to the user's next job. */
+  handOn?: (item: WorkItem) => Promise<void>;
 }
 
 /**
@@ -123,6 +129,9 @@ export class JobRunner {
   readonly #moveToDead: (item: WorkItem, reason: string) => Promise<unknown>;
   readonly #release: (item: WorkItem) => void;
   readonly #signal: AbortSignal;
+  readonly #storeFor: (item: WorkItem) => JobStore;
+  readonly #guard: (item: WorkItem) => (() => Promise<void>) | undefined;
+  readonly #handOn: (item: WorkItem) => Promise<void>;
   readonly #tracker: RetryTracker;
   readonly #log: Logger = logger("consumer");
 
@@ -139,6 +148,10 @@ export class JobRunner {
     this.#moveToDead = options.moveToDead;
     this.#release = options.release;
     this.#signal = options.signal ?? new AbortController().signal;
+    const ledger = options.ledger;
+    this.#storeFor = options.storeFor ?? (() => ledger);
+    this.#guard = options.guard ?? (() => undefined);
+    this.#handOn = options.handOn ?? (() => Promise.resolve());
     this.#tracker = new RetryTracker(this.#s.llmMaxRetries);
   }
 
@@ -147,7 +160,15 @@ export class JobRunner {
    * stream. Never throws: an unexpected error is logged and the entry tried again in 5 s.
    */
   async run(item: WorkItem): Promise<RunOutcome> {
-    if (!item.parsed.ok) return await this.#deadLetter(item, item.parsed);
+    if (!item.parsed.ok) {
+      try {
+        await this.#guard(item)?.();
+      } catch (error) {
+        if (!(error instanceof LeaseLostError)) throw error;
+        return this.#leaseLost(item, error);
+      }
+      return await this.#deadLetter(item, item.parsed);
+    }
     const job = item.parsed.job;
     const started = performance.now();
     let outcome: JobOutcome = "retry_error";
@@ -161,9 +182,14 @@ export class JobRunner {
       if (ENDED_OUTCOMES.includes(outcome)) {
         this.#release(item);
         this.#tracker.clear(job.jobId);
+        await this.#handOn(item);
       }
       return result.retry;
     } catch (error) {
+      if (error instanceof LeaseLostError) {
+        outcome = "abandoned";
+        return this.#leaseLost(item, error);
+      }
       // Redis unreachable while ending the job, or a bug: try again later, nothing acknowledged.
       this.#log.error(
         "Job {jobId} ({jobType}) hit an unexpected error: {message}. It will be retried.",
@@ -199,12 +225,14 @@ export class JobRunner {
   async #runJob(item: WorkItem, job: Job): Promise<{ outcome: JobOutcome; retry?: RunOutcome }> {
     if (this.#signal.aborted) return { outcome: "abandoned" };
     const log = this.#log.with({ jobId: job.jobId, jobType: job.jobType, userId: job.userId });
+    const store = this.#storeFor(item);
     try {
+      await this.#guard(item)?.();
       if (!item.record) {
-        item.record = await this.#ledger.load(job.jobId);
-        item.effects = this.#ledger.effects(job.jobId, item.record);
+        item.record = await store.load(job.jobId);
+        item.effects = store.effects(job.jobId, item.record, this.#guard(item));
         if (item.record.done) {
-          await this.#ledger.ack(job);
+          await store.ack(job);
           log.debug(
             "Job {jobId} had ended here already ({status}); entry {entryId} acknowledged.",
             {
@@ -220,6 +248,7 @@ export class JobRunner {
         }
       }
     } catch (error) {
+      if (error instanceof LeaseLostError) throw error;
       return this.#onRunError(item, job, error, log);
     }
     const run = { attempt: this.#attempt(item), waits: item.record.unavailableAttempts };
@@ -241,8 +270,9 @@ export class JobRunner {
         }
         item.ending ??= await this.#decide(item, job, log);
         if (!item.ending) return { outcome: "abandoned" };
-        return { outcome: await this.#end(job, item.ending, log) };
+        return { outcome: await this.#end(item, job, item.ending, log) };
       } catch (error) {
+        if (error instanceof LeaseLostError) throw error;
         return this.#onRunError(item, job, error, log);
       }
     });
@@ -272,7 +302,12 @@ export class JobRunner {
       result = await handler.run({
         job,
         core: this.#core,
-        model: this.#model.forJob(job.jobType, { answers: item.answers, log, usage: item.usage }),
+        model: this.#model.forJob(job.jobType, {
+          answers: item.answers,
+          log,
+          usage: item.usage,
+          guard: this.#guard(item),
+        }),
         effects: item.effects!,
         settings: this.#s,
         now: () => new Date(this.#now()),
@@ -297,13 +332,16 @@ export class JobRunner {
    * with the job's outcome: its status, or `unrecorded` when Core refused the PATCH for good.
    */
   async #end(
+    item: WorkItem,
     job: Job,
     ending: Ending,
     log: Logger,
   ): Promise<"completed" | "failed" | "unrecorded"> {
+    const store = this.#storeFor(item);
     if (ending.notifications.length > 0) {
-      await this.#ledger.saveOutbox(job.jobId, ending.notifications);
+      await store.saveOutbox(job.jobId, ending.notifications);
     }
+    await this.#guard(item)?.();
     let outcome: "completed" | "failed" | "unrecorded" = ending.status;
     try {
       await this.#core.updateJob(
@@ -329,7 +367,7 @@ export class JobRunner {
         },
       );
     }
-    await this.#ledger.finish(job, ending.status, ending.notifications);
+    await store.finish(job, ending.status, ending.notifications);
     log.debug(
       "Job {jobId}: entry {entryId} of {stream} acknowledged, {notifications} notification(s) sent.",
       { entryId: job.entryId, stream: job.stream, notifications: ending.notifications.length },
@@ -353,7 +391,7 @@ export class JobRunner {
     }
     if (status !== "completed" && status !== "failed") return false;
     // Crashed after Core's PATCH but before the notifications: send what was saved.
-    await this.#ledger.finish(job, status, item.record?.outbox ?? []);
+    await this.#storeFor(item).finish(job, status, item.record?.outbox ?? []);
     this.#log.info("Job {jobId} was already {status} in Core; acknowledged without redoing it.", {
       jobId: job.jobId,
       status,
@@ -372,11 +410,11 @@ export class JobRunner {
     if (error instanceof InvalidAnswerError) {
       // The handler may refuse an answer the gateway found valid (and kept): ask afresh.
       item.answers.done.clear();
-      this.#tracker.restore(job.jobId, await this.#ledger.countInvalid(job.jobId));
+      this.#tracker.restore(job.jobId, await this.#storeFor(item).countInvalid(job.jobId));
       item.record!.invalidAttempts = this.#tracker.attempts(job.jobId);
       if (this.#tracker.shouldRetry(job.jobId)) {
         const delay = this.#tracker.backoffSeconds(job.jobId) * 1000;
-        await this.#markProcessing(job, log);
+        await this.#markProcessing(item, job, log);
         log.warn(
           "Job {jobId}: invalid model answer at attempt {attempt} of {maxAttempts} ({reason}); attempt {next} in {delay} ms.",
           {
@@ -388,7 +426,11 @@ export class JobRunner {
             answer: error.answer,
           },
         );
-        return { outcome: "retry_invalid", retry: { retryInMs: delay } };
+        const wake = this.#lostWake(item);
+        return {
+          outcome: "retry_invalid",
+          retry: wake ? { retryInMs: delay, wake } : { retryInMs: delay },
+        };
       }
       ending = this.#failure(
         job,
@@ -410,7 +452,7 @@ export class JobRunner {
     }
     item.ending = ending;
     try {
-      return { outcome: await this.#end(job, ending, log) };
+      return { outcome: await this.#end(item, job, ending, log) };
     } catch (endError) {
       if (isUnavailable(endError)) {
         return { outcome: "retry_unavailable", retry: await this.#wait(item, job, endError, log) };
@@ -426,15 +468,15 @@ export class JobRunner {
     error: LLMError | CoreApiError,
     log: Logger,
   ): Promise<RunOutcome> {
-    const count = await this.#ledger.countUnavailable(job.jobId);
+    const count = await this.#storeFor(item).countUnavailable(job.jobId);
     item.record!.unavailableAttempts = count;
     const fromModel = error instanceof LLMError;
     if (fromModel) {
-      await this.#markProcessing(job, log);
+      await this.#markProcessing(item, job, log);
       if (job.userId !== null) {
         // The flag and the notice in one step: a retry, or a command sent again after a lost
         // connection, never tells the user twice.
-        await this.#ledger.notifyOnce(job.jobId, "told", {
+        await this.#storeFor(item).notifyOnce(job.jobId, "told", {
           user_id: job.userId,
           message_type: "llm_failure",
           content: {
@@ -456,12 +498,31 @@ export class JobRunner {
       "Job {jobId} waits {delay} ms (wait {waits}, not counted against LLM_MAX_RETRIES): {reason}",
       { delay, waits: count, reason: error.message },
     );
-    return { retryInMs: delay, wake: fromModel ? this.#health.nextRecovery() : undefined };
+    const lost = this.#lostWake(item);
+    const wake = fromModel ? this.#health.nextRecovery() : undefined;
+    const either = wake && lost ? Promise.race([wake, lost]) : wake ?? lost;
+    return either ? { retryInMs: delay, wake: either } : { retryInMs: delay };
+  }
+
+  /** Resolves when the lease of a waiting job is found lost (none for a job of nobody). */
+  #lostWake(item: WorkItem): Promise<void> | undefined {
+    if (!item.lease) return undefined;
+    item.lostWake ??= Promise.withResolvers<void>();
+    return item.lostWake.promise;
+  }
+
+  /** A job whose lease was lost stops here: nothing more is written, nothing retried. */
+  #leaseLost(item: WorkItem, error: LeaseLostError): void {
+    this.#release(item);
+    this.#log.warn(
+      "Entry {entryId} of {stream} stops here: {message} That replica runs it now.",
+      { entryId: item.entryId, stream: item.stream, message: error.message },
+    );
   }
 
   /** A job that waits is `processing` in Core; told once per job (best effort: Core may be down). */
-  async #markProcessing(job: Job, log: Logger): Promise<void> {
-    if (!await this.#ledger.setOnce(job.jobId, "processing")) return;
+  async #markProcessing(item: WorkItem, job: Job, log: Logger): Promise<void> {
+    if (!await this.#storeFor(item).setOnce(job.jobId, "processing")) return;
     await this.#core.updateJob(job.jobId, { status: "processing" }).catch((e) =>
       log.debug("Could not mark job {jobId} processing: {message}", { message: describeError(e) })
     );
@@ -513,6 +574,7 @@ export class JobRunner {
       return { retryInMs: 5_000 };
     }
     this.#release(item);
+    await this.#handOn(item);
     this.#events.deadLettered?.(item.stream, parsed.reason);
     this.#log.warn("Entry {id} of {stream} moved to llm:dead: {reason}", {
       id: item.entryId,

@@ -8,6 +8,7 @@ import type { Effects } from "./job.ts";
 import { type JobRecord, MemoryEffects } from "./ledger.ts";
 import type { TokenUsage } from "./model.ts";
 import { type Notification, type ParsedEntry, parseEntry } from "./streams.ts";
+import type { Lease } from "./user_lease.ts";
 
 /** One entry held in memory, from the read until it is acknowledged or left. */
 export interface WorkItem {
@@ -39,6 +40,10 @@ export interface WorkItem {
   ending?: Ending;
   /** The attempt of the current or last run and the waits before it (for its log lines). */
   run?: { attempt: number; waits: number };
+  /** The user's lease the job runs under (lib/user_lease.ts); none for a job of nobody. */
+  lease?: Lease;
+  /** Resolved when the lease is found lost: a job waiting for a retry stops waiting. */
+  lostWake?: PromiseWithResolvers<void>;
 }
 
 /** How a job ends, decided before it is written (kept while Core is down). */
@@ -55,7 +60,7 @@ export interface Ending {
 
 /**
  * A work item for an entry as `XREADGROUP`/`XAUTOCLAIM` return it (`fields` is `null` for an
- * entry deleted from the stream since it was delivered).
+ * entry deleted from the stream since it was delivered), run under `lease` when it has a user.
  *
  * @example
  * ```ts
@@ -71,6 +76,7 @@ export function workItem(
   entryId: string,
   fields: string[] | null,
   redelivered: boolean,
+  lease?: Lease,
 ): WorkItem {
   const parsed = fields
     ? parseEntry(stream, entryId, fields)
@@ -79,12 +85,14 @@ export function workItem(
     stream,
     entryId,
     fields: fields ?? [],
-    // Malformed entries are nobody's: they never hold a user's jobs back.
-    userId: parsed.ok ? parsed.job.userId : null,
+    // A job under a lease keeps its user's turn in this process too; malformed entries of
+    // nobody never hold a user's jobs back.
+    userId: lease ? Number(lease.userId) : parsed.ok ? parsed.job.userId : null,
     parsed,
     redelivered,
     answers: new MemoryEffects(),
     usage: { promptTokens: 0, completionTokens: 0 },
+    lease,
   };
 }
 

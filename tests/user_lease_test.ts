@@ -26,10 +26,15 @@ async function withRedis(test: (redis: Redis) => Promise<void>) {
   }
 }
 
-/** Adds an entry of `user` (null: nobody's) to `stream`; answers its id. */
+let nextMs = Date.now();
+
+/**
+ * Adds an entry of `user` (null: nobody's) to `stream`; answers its id. Ids are a millisecond
+ * apart, so the order across streams is total (ids of one millisecond in two streams tie).
+ */
 async function add(redis: Redis, stream: string, user: number | null, job: string) {
   const data = JSON.stringify({ job_id: job, job_type: "x", payload: {}, user_id: user });
-  return (await redis.xadd(stream, "*", "data", data))!;
+  return (await redis.xadd(stream, `${++nextMs}-0`, "data", data))!;
 }
 
 const leases = (redis: Redis, consumer: string, leaseMs = 60_000, instance?: string) =>
