@@ -138,8 +138,9 @@ local function admit(stream, id, fields, now, nobody, runs)
     grants = grants - 1
     take_turn(u, now, runs)
   else
-    -- no room here: the user waits, free, for the next replica that sweeps
-    redis.call('ZADD', LEASES, 'NX', 0, u)
+    -- no room here: the user waits, free (a lease of this consumer's previous run too), for
+    -- the next replica with room that sweeps
+    redis.call('ZADD', LEASES, 0, u)
   end
 end
 local function sweep(now, runs)

@@ -194,7 +194,7 @@ Deno.test("faults: three replicas, one kill -9, one SIGSTOP past its lease: each
   const open = new Map<FakeChatRequest, (typeof calls)[number]>();
   const LEASE_MS = 1500;
   await faultCase(
-    "3 replicas, kill -9 + SIGSTOP, per-user order",
+    "3 replicas, kill -9 + SIGSTOP, user order",
     {
       latencyMs: () => 150 + Math.floor(Math.random() * 150),
       coreLatencyMs: () => Math.floor(Math.random() * 30),

@@ -234,3 +234,21 @@ Deno.test("a replica takes no more users than it has room for; the rest wait fre
     assert.deepEqual((await r2.read(10, 100, 5)).runs.map(jobOf), ["c"]); // a read sweeps too
   });
 });
+
+Deno.test("a restarted consumer with no room for all its users leaves the rest free at once", async () => {
+  await withRedis(async (redis) => {
+    const before = leases(redis, "r1", 60_000, "run-1");
+    await add(redis, "llm:intent", 1, "a");
+    await add(redis, "llm:intent", 2, "b");
+    assert.equal((await before.read(10, 100)).runs.length, 2);
+    const after = leases(redis, "r1", 60_000, "run-2");
+    const pending = await redis.xpending("llm:intent", GROUP, "-", "+", 10) as [string][];
+    const adopted = await after.adopt(
+      pending.map(([id]) => ({ stream: "llm:intent", entryId: id })),
+      1,
+    );
+    assert.deepEqual(adopted.runs.map(jobOf), ["a"]);
+    // User 2's lease of the previous run is free now, not held for 60 s.
+    assert.deepEqual((await leases(redis, "r2").sweep()).map(jobOf), ["b"]);
+  });
+});

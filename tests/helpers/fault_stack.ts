@@ -202,6 +202,8 @@ export async function startFaultStack(options: FaultStackOptions = {}): Promise<
         IMAGE_STORAGE_PATH: imageDir,
         WORKER_CONCURRENCY: "8",
         WORKER_SHUTDOWN_TIMEOUT_MS: "3000",
+        // A killed worker's users go to another within 2 s and a second, not 31 s.
+        WORKER_LEASE_MS: "2000",
         LOG_LEVEL: "error",
         ...options.env,
         ...env,
