@@ -188,11 +188,12 @@ Deno.test("faults: soak, 1000 mixed jobs, nonsense answers, Core 503s, a worker 
   );
 });
 
-Deno.test("faults: three replicas, one kill -9, one SIGSTOP past its lease: each user's jobs in order, one at a time", async () => {
+Deno.test("faults: three replicas, one kill -9, one SIGSTOP past its lease: user order, one model budget", async () => {
   /** The model's own call log: per job token, when each of its requests came and was answered. */
   const calls: Array<{ token: string; receivedAt: number; answeredAt?: number }> = [];
   const open = new Map<FakeChatRequest, (typeof calls)[number]>();
   const LEASE_MS = 1500;
+  const MAX_IN_FLIGHT = 12; // of the 3 × 8 the replicas could send on their own
   await faultCase(
     "3 replicas, kill -9 + SIGSTOP, user order",
     {
@@ -200,6 +201,7 @@ Deno.test("faults: three replicas, one kill -9, one SIGSTOP past its lease: each
       coreLatencyMs: () => Math.floor(Math.random() * 30),
       env: {
         WORKER_CONCURRENCY: "8",
+        LLM_MAX_IN_FLIGHT: String(MAX_IN_FLIGHT),
         WORKER_LEASE_MS: String(LEASE_MS),
         WORKER_CLAIM_IDLE_MS: "3000",
       },
@@ -262,6 +264,16 @@ Deno.test("faults: three replicas, one kill -9, one SIGSTOP past its lease: each
           }
         }
       }
+      // From the same log: never more requests at the model than the shared budget.
+      const edges = calls.flatMap((call) => [
+        { at: call.receivedAt, step: 1 },
+        { at: call.answeredAt ?? Infinity, step: -1 },
+      ]).sort((x, y) => x.at - y.at || x.step - y.step);
+      let inFlight = 0;
+      let most = 0;
+      for (const edge of edges) most = Math.max(most, inFlight += edge.step);
+      if (most > MAX_IN_FLIGHT) problems.push(`${most} model requests in flight at once`);
+      assert.ok(most >= 2, `the replicas ran in parallel (${most} at most)`);
       const asked = new Set(calls.map((call) => call.token));
       for (const job of jobs) if (!asked.has(job.token)) problems.push(`${job.token} never ran`);
       assert.deepEqual(problems, []);
