@@ -38,7 +38,7 @@ async function waitFor(check: () => boolean | Promise<boolean>, what: string, ms
 /** The compose example's health check of the worker, run as Docker would run it. */
 async function composeHealthcheck(port: number): Promise<number> {
   const compose = await Deno.readTextFile(`${REPO_ROOT}docker-compose.example.yml`);
-  const service = compose.slice(compose.indexOf("\n  llm-worker:"));
+  const service = compose.slice(compose.indexOf("\nx-llm-worker:"));
   const test = service.slice(service.indexOf("healthcheck:")).match(/test:\n((?:\s+- .*\n)+)/);
   assert.ok(test, "the llm-worker service has a healthcheck test");
   const [cmd, deno, ...args] = test[1].trim().split("\n").map((line) => {
