@@ -17,14 +17,13 @@
 import { parseArgs } from "node:util";
 import { Redis } from "ioredis";
 import { startCoreEmulator } from "../testing/core_emulator.ts";
-import { startRedis } from "../testing/redis_server.ts";
+import { freePort, startRedis } from "../testing/redis_server.ts";
 import {
   processMemory,
   START_FLAGS,
   startWorkerProcess,
   type WorkerProcess,
 } from "../testing/worker_process.ts";
-import { GROUP } from "../lib/streams.ts";
 import { machineInfo, processCpuMs, round, startSpeedGauge } from "../testing/machine.ts";
 import {
   type BenchResults,
@@ -154,6 +153,7 @@ async function startWorker(
   v8Flags: string,
   env: Record<string, string> = {},
 ): Promise<WorkerProcess> {
+  const httpPort = freePort();
   const worker = startWorkerProcess({
     REDIS_URL: redis.url,
     LLM_BASE_URL: model.url,
@@ -161,15 +161,17 @@ async function startWorker(
     IMAGE_STORAGE_PATH: imageDir,
     WORKER_CONCURRENCY: String(concurrency),
     WORKER_SHUTDOWN_TIMEOUT_MS: "5000",
+    WORKER_HTTP_PORT: String(httpPort),
     LOG_LEVEL: "warning",
     ...env,
   }, { extraArgs: Deno.env.get("BENCH_WORKER_ARGS")?.split(" ").filter(Boolean), v8Flags });
-  // Ready once it has joined the group on the last stream it reads at start.
+  // Ready as an operator sees it: /readyz answers 200 once the consumer reads.
   const deadline = Date.now() + 60_000;
   while (true) {
-    const consumers = await client.call("XINFO", "CONSUMERS", "llm:email_extract", GROUP)
-      .catch(() => []) as Array<Array<string | number>>;
-    if (consumers.some((fields) => fields[1] === worker.name)) return worker;
+    const ready = await fetch(`http://127.0.0.1:${httpPort}/readyz`)
+      .then(async (response) => (await response.body?.cancel(), response.ok))
+      .catch(() => false);
+    if (ready) return worker;
     if (Date.now() > deadline) {
       await worker.kill("SIGKILL");
       throw new Error(`the worker did not start:\n${worker.output()}`);
