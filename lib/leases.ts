@@ -13,6 +13,7 @@
  */
 import type { Logger } from "@logtape/logtape";
 import type { Redis } from "ioredis";
+import { runScript } from "./redis.ts";
 import { describeError, logger } from "./log.ts";
 import { GROUP } from "./streams.ts";
 import { sleep } from "./utils.ts";
@@ -143,7 +144,8 @@ export class EntryLeases {
    */
   async heartbeat(): Promise<void> {
     for (const stream of this.#streams) {
-      await this.#redis.eval(
+      await runScript(
+        this.#redis,
         HEARTBEAT_SCRIPT,
         1,
         stream,

@@ -11,6 +11,7 @@
  * @module
  */
 import type { Redis } from "ioredis";
+import { runScript } from "./redis.ts";
 import { LeaseLostError } from "./errors.ts";
 import type { Effects, Job } from "./job.ts";
 import { GROUP, type Notification, notificationArgs, NOTIFY_STREAM } from "./streams.ts";
@@ -233,9 +234,10 @@ export class JobLedger {
     args: Array<string | number>,
   ): Promise<unknown> {
     const fence = this.#fence;
-    if (!fence) return await this.#redis.eval(script, keys.length, ...keys, ...args);
+    if (!fence) return await runScript(this.#redis, script, keys.length, ...keys, ...args);
     try {
-      return await this.#redis.eval(
+      return await runScript(
+        this.#redis,
         FENCED.get(script)!,
         keys.length + 1,
         fence.key,

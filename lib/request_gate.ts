@@ -20,6 +20,7 @@
  * @module
  */
 import type { Redis } from "ioredis";
+import { runScript } from "./redis.ts";
 import type { Logger } from "@logtape/logtape";
 import { describeError, logger } from "./log.ts";
 import { sleep } from "./utils.ts";
@@ -216,7 +217,7 @@ export class SharedRequestGate implements RequestGate {
     this.#log.warn("The model server asked for {ms} ms without requests; every replica waits.", {
       ms,
     });
-    this.#redis.eval(PAUSE_SCRIPT, 1, this.#pauseKey, this.#pauseKey, ms).catch((error) =>
+    runScript(this.#redis, PAUSE_SCRIPT, 1, this.#pauseKey, this.#pauseKey, ms).catch((error) =>
       this.#log.warn("Could not tell the other replicas to pause: {reason}", {
         reason: describeError(error),
       })
@@ -246,7 +247,8 @@ export class SharedRequestGate implements RequestGate {
     while (true) {
       try {
         return Number(
-          await this.#redis.eval(
+          await runScript(
+            this.#redis,
             RESERVE_SCRIPT,
             1,
             this.#rateKey,

@@ -29,6 +29,7 @@
  * @module
  */
 import type { Redis } from "ioredis";
+import { runScript } from "./redis.ts";
 import type { Logger } from "@logtape/logtape";
 import { describeError, logger } from "./log.ts";
 import type { Release, Slots } from "./slots.ts";
@@ -423,7 +424,8 @@ export class SharedSlots implements Slots {
   }
 
   #eval(script: string, args: Array<string | number>): Promise<unknown> {
-    return this.#redis.eval(
+    return runScript(
+      this.#redis,
       script,
       this.#keys.length,
       ...this.#keys,

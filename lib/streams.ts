@@ -5,6 +5,7 @@
  * @module
  */
 import type { Redis } from "ioredis";
+import { runScript } from "./redis.ts";
 import type { Job, JobType, NotificationDraft } from "./job.ts";
 
 /** The consumer group every replica joins. */
@@ -195,7 +196,8 @@ export async function moveToDead(
   group = GROUP,
 ): Promise<boolean> {
   const [dead, , ...copy] = deadLetterArgs(stream, entryId, reason, fields);
-  return await redis.eval(MOVE_TO_DEAD_SCRIPT, 2, stream, dead, group, entryId, ...copy) === 1;
+  return await runScript(redis, MOVE_TO_DEAD_SCRIPT, 2, stream, dead, group, entryId, ...copy) ===
+    1;
 }
 
 /** The `XADD` arguments that copy a malformed entry to `llm:dead`, keeping its fields. */

@@ -31,6 +31,7 @@
  * @module
  */
 import type { Redis } from "ioredis";
+import { runScript } from "./redis.ts";
 import { LeaseLostError } from "./errors.ts";
 import { GROUP, JOB_STREAMS } from "./streams.ts";
 
@@ -604,7 +605,7 @@ export class UserLeases {
   }
 
   async #eval(script: string, ...args: string[]): Promise<unknown> {
-    return await this.#redis.eval(script, 0, ...this.#base, ...args);
+    return await runScript(this.#redis, script, 0, ...this.#base, ...args);
   }
 }
 
