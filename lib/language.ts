@@ -33,6 +33,17 @@ const NAMES = new Intl.DisplayNames(["en"], { type: "language", fallback: "none"
  */
 export function readLanguage(value: unknown): Language | undefined {
   if (typeof value !== "string") return undefined;
+  // Intl.DisplayNames is slow enough to show in a profile at hundreds of jobs a second.
+  if (known.has(value)) return known.get(value);
+  const language = lookUp(value);
+  if (known.size < 1_000) known.set(value, language);
+  return language;
+}
+
+/** Answers of {@linkcode readLanguage} so far, by the value given (a few codes in practice). */
+const known = new Map<string, Language | undefined>();
+
+function lookUp(value: string): Language | undefined {
   const code = value.trim().toLowerCase().replaceAll("_", "-");
   if (!/^[a-z]{2,3}(?:-[a-z0-9]{2,8})*$/.test(code)) return undefined;
   let name: string | undefined;
