@@ -7,8 +7,6 @@
  *
  * @module
  */
-import type { Logger } from "@logtape/logtape";
-import type { CoreApiClient } from "./core_api.ts";
 
 /** A wall-clock date and time, as read on a clock in some zone (month 1-12). */
 export interface WallClock {
@@ -77,27 +75,6 @@ export function isValidTimeZone(name: unknown): name is string {
 /** The zone `name`, or `UTC` when it is missing or unknown. */
 export function timeZoneOrUtc(name: unknown): string {
   return isValidTimeZone(name) ? name : "UTC";
-}
-
-/**
- * The user's timezone from Core (`GET /settings/{user_id}`; Core answers `UTC` for users with no
- * settings). A zone name this runtime does not know is logged and read as `UTC`.
- */
-export async function userTimeZone(
-  core: Pick<CoreApiClient, "getSettings">,
-  userId: number,
-  log: Logger,
-  signal?: AbortSignal,
-): Promise<string> {
-  const settings = await core.getSettings(userId, signal);
-  const zone = timeZoneOrUtc(settings?.timezone);
-  if (zone !== settings?.timezone) {
-    log.warn("User {userId} has an unknown timezone {timezone}; using UTC.", {
-      userId,
-      timezone: settings?.timezone ?? null,
-    });
-  }
-  return zone;
 }
 
 /**
