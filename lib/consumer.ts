@@ -29,7 +29,7 @@ import { StreamReader } from "./reader.ts";
 import { type ConsumerEvents, JobRunner } from "./runner.ts";
 import { JobScheduler } from "./scheduler.ts";
 import { ensureGroups, JOB_STREAMS, moveToDead } from "./streams.ts";
-import { sleep } from "./utils.ts";
+import { repeatEvery, sleep } from "./utils.ts";
 import {
   type LeasedEntry,
   type LeasedRun,
@@ -392,16 +392,14 @@ export class Consumer {
     this.#admitLeased([], runs, true);
   }
 
-  async #every(intervalMs: number, task: () => Promise<void>, signal: AbortSignal): Promise<void> {
-    while (!signal.aborted) {
-      try {
-        await sleep(intervalMs, signal);
-        await task();
-      } catch (error) {
-        if (signal.aborted) return;
-        this.#log.warn("Background task failed: {message}", { message: describeError(error) });
-      }
-    }
+  #every(intervalMs: number, task: () => Promise<void>, signal: AbortSignal): Promise<void> {
+    return repeatEvery(
+      intervalMs,
+      task,
+      signal,
+      (error) =>
+        this.#log.warn("Background task failed: {message}", { message: describeError(error) }),
+    );
   }
 
   #logRead(item: WorkItem, placed: "scheduled" | "queued" | "refused"): void {

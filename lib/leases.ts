@@ -16,7 +16,7 @@ import type { Redis } from "ioredis";
 import { runScript } from "./redis.ts";
 import { describeError, logger } from "./log.ts";
 import { GROUP } from "./streams.ts";
-import { sleep } from "./utils.ts";
+import { repeatEvery } from "./utils.ts";
 import { entryKey, type WorkItem } from "./work_item.ts";
 
 /** Options of {@linkcode EntryLeases}. */
@@ -156,17 +156,14 @@ export class EntryLeases {
     }
   }
 
-  async #every(intervalMs: number, task: () => Promise<void>): Promise<void> {
-    const signal = this.#signal;
-    while (!signal.aborted) {
-      try {
-        await sleep(intervalMs, signal);
-        await task();
-      } catch (error) {
-        if (signal.aborted) return;
-        this.#log.warn("Background task failed: {message}", { message: describeError(error) });
-      }
-    }
+  #every(intervalMs: number, task: () => Promise<void>): Promise<void> {
+    return repeatEvery(
+      intervalMs,
+      task,
+      this.#signal,
+      (error) =>
+        this.#log.warn("Background task failed: {message}", { message: describeError(error) }),
+    );
   }
 }
 

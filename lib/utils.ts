@@ -256,3 +256,35 @@ export function scopedSignal(outer?: AbortSignal, timeoutMs?: number): ScopedSig
     },
   };
 }
+
+/**
+ * Runs `task` every `intervalMs` (after each wait) until `signal` aborts; a failed run is handed
+ * to `onError` and the next one still comes.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * const stop = new AbortController();
+ * let runs = 0;
+ * await repeatEvery(1, async () => {
+ *   if (++runs === 3) stop.abort();
+ * }, stop.signal, () => {});
+ * assert.equal(runs, 3);
+ * ```
+ */
+export async function repeatEvery(
+  intervalMs: number,
+  task: () => Promise<void>,
+  signal: AbortSignal,
+  onError: (error: unknown) => void,
+): Promise<void> {
+  while (!signal.aborted) {
+    try {
+      await sleep(intervalMs, signal);
+      await task();
+    } catch (error) {
+      if (signal.aborted) return;
+      onError(error);
+    }
+  }
+}
