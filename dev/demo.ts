@@ -320,20 +320,32 @@ async function languageScenario(
     language: "fr",
   });
   const payload = { message: "le truc de la semaine prochaine" };
-  const job = stack.core.seedJob({ job_type: "followup", payload, user_id: userId });
-  const envelope = { job_id: job.id, job_type: "followup", payload, user_id: userId };
-  await stack.client.xadd(STREAM_OF.followup, "*", "data", JSON.stringify(envelope));
   out("");
   out(`The user's language: user ${userId}'s settings in Core say language "fr".`);
-  let ended = stack.core.state.jobs.get(job.id)!;
-  while (ended.status !== "completed" && ended.status !== "failed") {
-    if (Date.now() > deadline) throw new Error("The demo timed out waiting for the French job.");
-    await new Promise((resolve) => setTimeout(resolve, 50));
-    ended = stack.core.state.jobs.get(job.id)!;
-  }
+  const ended = await runFollowup(stack, payload, userId, deadline, "the French job");
   const question = String((ended.result as Record<string, unknown> | null)?.question ?? "");
   out(`  followup "${payload.message}" → ${ended.status}: ${question}`);
   return question;
+}
+
+/** Publishes a followup job as Core does and waits until it ended in Core. */
+async function runFollowup(
+  stack: LocalStack,
+  payload: Record<string, unknown>,
+  userId: number,
+  deadline: number,
+  what: string,
+): Promise<EmulatedJob> {
+  const job = stack.core.seedJob({ job_type: "followup", payload, user_id: userId });
+  const envelope = { job_id: job.id, job_type: "followup", payload, user_id: userId };
+  await stack.client.xadd(STREAM_OF.followup, "*", "data", JSON.stringify(envelope));
+  let ended = stack.core.state.jobs.get(job.id)!;
+  while (ended.status !== "completed" && ended.status !== "failed") {
+    if (Date.now() > deadline) throw new Error(`The demo timed out waiting for ${what}.`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    ended = stack.core.state.jobs.get(job.id)!;
+  }
+  return ended;
 }
 
 /**
@@ -423,15 +435,7 @@ async function fallbackScenario(
     await worker.start();
     const before = await stack.client.xlen(NOTIFY_STREAM);
     const payload = { message: "the thing on Friday" };
-    const job = stack.core.seedJob({ job_type: "followup", payload, user_id: SAMPLE_USER });
-    const envelope = { job_id: job.id, job_type: "followup", payload, user_id: SAMPLE_USER };
-    await stack.client.xadd(STREAM_OF.followup, "*", "data", JSON.stringify(envelope));
-    let ended = stack.core.state.jobs.get(job.id)!;
-    while (ended.status !== "completed" && ended.status !== "failed") {
-      if (Date.now() > deadline) throw new Error("The demo timed out waiting for the fallback.");
-      await new Promise((resolve) => setTimeout(resolve, 50));
-      ended = stack.core.state.jobs.get(job.id)!;
-    }
+    const ended = await runFollowup(stack, payload, SAMPLE_USER, deadline, "the fallback");
     const metrics = await worker.metrics.metrics();
     const server =
       /llm_worker_model_request_duration_seconds_count\{[^}]*server="fallback"[^}]*outcome="ok"[^}]*\} [1-9]/
