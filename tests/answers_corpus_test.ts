@@ -60,14 +60,6 @@ async function repairedTotals(stack: Stack, worker: { metrics: { metrics(): Prom
 }
 
 /**
- * Waits until every entry is acknowledged: Core hears of a job's end before the script that
- * acknowledges its entry publishes the notifications.
- */
-function untilAcknowledged(stack: Stack): Promise<void> {
-  return stack.waitFor(async () => Object.keys(await stack.pending()).length === 0, "the acks");
-}
-
-/**
  * Runs every case of one job type in one stack: usable ones must complete on the first call,
  * and the metric must count the repairs named.
  */
@@ -85,7 +77,7 @@ async function runUsable(
   const jobIds = new Map<string, string>();
   for (const c of cases) jobIds.set(c.id, await enqueue(stack, c));
   await stack.waitForJobs([...jobIds.values()], 30_000);
-  await untilAcknowledged(stack);
+  await stack.waitForAcks();
   const notifications = await stack.notifications();
   for (const c of cases) {
     const jobId = jobIds.get(c.id)!;
@@ -114,7 +106,7 @@ async function runRefused(
   const jobIds = new Map<string, string>();
   for (const c of cases) jobIds.set(c.id, await enqueue(stack, c));
   await stack.waitForJobs([...jobIds.values()], 30_000);
-  await untilAcknowledged(stack);
+  await stack.waitForAcks();
   for (const c of cases) {
     const job = stack.core.state.jobs.get(jobIds.get(c.id)!)!;
     assert.equal(job.status, "failed", `${jobType} ${c.id} must be refused`);

@@ -274,6 +274,7 @@ Deno.test("a requeued job runs in a real worker though Core had marked it failed
     () => stack.core.state.jobs.get(jobId)?.status === "completed",
     "the requeued job to complete",
   );
+  await stack.waitForAcks();
   const sent = await stack.notifications();
   assert.deepEqual(sent.map((n) => n.message_type), ["llm_followup_result"]);
   assert.equal(await stack.client.xlen(DEAD_STREAM), 0);

@@ -40,6 +40,7 @@ Deno.test("fallback: serves while the primary refuses, no outage notice, back to
   });
   const first = await stack.enqueue("followup", { message: "dentist" }, 1);
   await stack.waitForJobs([first]);
+  await stack.waitForAcks();
   assert.equal(stack.core.state.jobs.get(first)!.status, "completed");
   assert.deepEqual(stack.core.state.jobs.get(first)!.result, {
     question: "Which day do you mean on the fallback?",
@@ -86,6 +87,7 @@ Deno.test("fallback: a request the primary fails mid-job goes to the fallback at
   await stack.startWorker({ LLM_FALLBACK_BASE_URL: fallback.url });
   const job = await stack.enqueue("followup", { message: "party" }, 1);
   await stack.waitForJobs([job]);
+  await stack.waitForAcks();
   assert.deepEqual(stack.core.state.jobs.get(job)!.result, { question: "When is it, fallback?" });
   assert.equal(stack.model.requests.length, 1, "the primary was asked once");
   assert.equal(fallback.requests.length, 1, "then the fallback, in the same attempt");

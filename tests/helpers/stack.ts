@@ -69,6 +69,11 @@ export interface Stack {
   waitFor(check: () => boolean | Promise<boolean>, what: string, timeoutMs?: number): Promise<void>;
   /** Waits until every given job is `completed` or `failed` in Core. */
   waitForJobs(jobIds: string[], timeoutMs?: number): Promise<void>;
+  /**
+   * Waits until no entry is pending: Core hears of a job's end before the script that
+   * acknowledges its entry publishes its notifications, so read notifications after this.
+   */
+  waitForAcks(timeoutMs?: number): Promise<void>;
   /** Stops the workers, the servers and Redis. */
   close(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
@@ -186,6 +191,8 @@ export async function startStack(options: StackOptions = {}): Promise<Stack> {
         `jobs ${jobIds.length > 3 ? `${jobIds.length} jobs` : jobIds.join(", ")} to end`,
         timeoutMs,
       ),
+    waitForAcks: (timeoutMs) =>
+      waitFor(async () => Object.keys(await stack.pending()).length === 0, "the acks", timeoutMs),
     async close() {
       await Promise.all(workers.map((w) => w.close()));
       await closeRedis(client);
