@@ -174,14 +174,11 @@ export class WorkerMetrics {
       registers,
     });
     for (const reason of DELAY_REASONS) this.#delayed.inc({ reason }, 0);
-    // Every series exists from the start, so increase() sees the first sloppy answer.
-    for (const jobType of sources.jobTypes ?? Object.keys(STREAM_OF)) {
-      for (const repair of REPAIRS) this.#repaired.inc({ job_type: jobType, repair }, 0);
-    }
     const jobTypes = sources.jobTypes ?? Object.keys(STREAM_OF);
     for (const job_type of jobTypes) {
       for (const outcome of ENDED_OUTCOMES) this.#jobs.inc({ job_type, outcome }, 0);
       for (const kind of Object.values(RETRY_KINDS)) this.#retries.inc({ job_type, kind }, 0);
+      for (const repair of REPAIRS) this.#repaired.inc({ job_type, repair }, 0);
     }
     for (const model of sources.models ?? []) {
       for (const job_type of jobTypes) {
