@@ -235,15 +235,8 @@ export function createWorker(settings: Settings, options: WorkerOptions = {}): W
         });
       }
       // The model's health follows this probe at once (the gauge, /readyz), Redis or not.
-      const probe = probeModel(llm, closing.signal).then((problem) => {
-        if (problem?.kind === "unavailable") health.reportFailure(problem);
-        return problem;
-      });
-      if (fallback) {
-        probeModel(fallback.llm, closing.signal).then((problem) => {
-          if (problem?.kind === "unavailable") fallback.health.reportFailure(problem);
-        });
-      }
+      const probe = probeModel(llm, health, closing.signal);
+      if (fallback) void probeModel(fallback.llm, fallback.health, closing.signal);
       // A refused first connect rejects, but ioredis goes on trying (backing off to 2 s): the
       // worker waits for Redis as it does after losing it later.
       for (const connection of [redis, reader, subscriber]) connection.connect().catch(() => {});
@@ -344,12 +337,21 @@ function sharedLimits(settings: Settings): string {
   return limits.length ? ` (model requests across replicas: ${limits.join(", ")})` : "";
 }
 
-/** Asks the model server once; resolves with why it did not answer, or `undefined` when it did. */
-async function probeModel(llm: LLMClient, signal: AbortSignal): Promise<LLMError | undefined> {
+/**
+ * Asks the model server once and marks `health` down at once when it is unavailable; resolves
+ * with why it did not answer, or `undefined` when it did.
+ */
+async function probeModel(
+  llm: LLMClient,
+  health: ModelHealth,
+  signal: AbortSignal,
+): Promise<LLMError | undefined> {
   try {
     await llm.probe(signal);
     return undefined;
   } catch (error) {
-    return toLLMError(error);
+    const problem = toLLMError(error);
+    if (problem.kind === "unavailable") health.reportFailure(problem);
+    return problem;
   }
 }
