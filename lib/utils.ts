@@ -55,21 +55,6 @@ export function readJson(text: string): ReadJson {
   throw new Error(`No JSON found in the model's answer: ${JSON.stringify(head)}`);
 }
 
-/**
- * The value of {@linkcode readJson}, without how it was read.
- *
- * @throws {Error} quoting the first 200 characters when no JSON is found.
- *
- * @example
- * ```ts
- * import assert from "node:assert/strict";
- * assert.deepEqual(extractJson('Sure! {"a": 1} Hope it helps'), { a: 1 });
- * ```
- */
-export function extractJson(text: string): unknown {
-  return readJson(text).value;
-}
-
 function tryParse(
   text: string,
   parse: (text: string) => unknown,

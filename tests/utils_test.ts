@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import {
-  extractJson,
+  readJson,
   scopedSignal,
   sleep,
   sniffImageType,
@@ -8,37 +8,37 @@ import {
   truncate,
 } from "../lib/utils.ts";
 
-Deno.test("extractJson parses a clean object", () => {
-  assert.deepEqual(extractJson('{"intent": "search", "keywords": ["beach"]}'), {
+Deno.test("readJson parses a clean object", () => {
+  assert.deepEqual(readJson('{"intent": "search", "keywords": ["beach"]}').value, {
     intent: "search",
     keywords: ["beach"],
   });
 });
 
-Deno.test("extractJson parses surrounding whitespace", () => {
-  assert.deepEqual(extractJson('\n  {"a": 1}  \n'), { a: 1 });
+Deno.test("readJson parses surrounding whitespace", () => {
+  assert.deepEqual(readJson('\n  {"a": 1}  \n').value, { a: 1 });
 });
 
-Deno.test("extractJson finds an object inside chatty text", () => {
+Deno.test("readJson finds an object inside chatty text", () => {
   const text = 'Sure! Here is the result: {"tags": ["sea", "sand", "sun"]} Hope that helps.';
-  assert.deepEqual(extractJson(text), { tags: ["sea", "sand", "sun"] });
+  assert.deepEqual(readJson(text).value, { tags: ["sea", "sand", "sun"] });
 });
 
-Deno.test("extractJson reads a fenced ```json block", () => {
+Deno.test("readJson reads a fenced ```json block", () => {
   const text =
     'Here you go:\n```json\n{"description": "A dog", "tags": ["dog"]}\n```\nAnything else?';
-  assert.deepEqual(extractJson(text), { description: "A dog", tags: ["dog"] });
+  assert.deepEqual(readJson(text).value, { description: "A dog", tags: ["dog"] });
 });
 
-Deno.test("extractJson reads a fence with no language", () => {
-  assert.deepEqual(extractJson("```\n[1, 2]\n```"), [1, 2]);
+Deno.test("readJson reads a fence with no language", () => {
+  assert.deepEqual(readJson("```\n[1, 2]\n```").value, [1, 2]);
 });
 
-Deno.test("extractJson keeps nested objects and arrays whole", () => {
+Deno.test("readJson keeps nested objects and arrays whole", () => {
   const text =
     'Result: {"events": [{"description": "Dentist", "when": {"day": 2, "slots": [9, 10]}}, ' +
     '{"description": "Gym", "when": {"day": 3, "slots": []}}]} -- done';
-  assert.deepEqual(extractJson(text), {
+  assert.deepEqual(readJson(text).value, {
     events: [
       { description: "Dentist", when: { day: 2, slots: [9, 10] } },
       { description: "Gym", when: { day: 3, slots: [] } },
@@ -46,41 +46,41 @@ Deno.test("extractJson keeps nested objects and arrays whole", () => {
   });
 });
 
-Deno.test("extractJson reads a top-level array", () => {
-  assert.deepEqual(extractJson('The tags are ["a", "b", {"c": 1}] as requested.'), [
+Deno.test("readJson reads a top-level array", () => {
+  assert.deepEqual(readJson('The tags are ["a", "b", {"c": 1}] as requested.').value, [
     "a",
     "b",
     { c: 1 },
   ]);
 });
 
-Deno.test("extractJson does not count braces inside strings", () => {
-  assert.deepEqual(extractJson('Answer: {"a": "x } y"} and that is all'), { a: "x } y" });
-  assert.deepEqual(extractJson('Answer: {"a": "{[", "b": "\\"}"} end'), { a: "{[", b: '"}' });
+Deno.test("readJson does not count braces inside strings", () => {
+  assert.deepEqual(readJson('Answer: {"a": "x } y"} and that is all').value, { a: "x } y" });
+  assert.deepEqual(readJson('Answer: {"a": "{[", "b": "\\"}"} end').value, { a: "{[", b: '"}' });
 });
 
-Deno.test("extractJson skips a broken candidate and takes the next valid one", () => {
+Deno.test("readJson skips a broken candidate and takes the next valid one", () => {
   const text = 'First try {"a": 1,} oops, corrected: {"a": 2}';
-  assert.deepEqual(extractJson(text), { a: 2 });
+  assert.deepEqual(readJson(text).value, { a: 2 });
 });
 
-Deno.test("extractJson skips a broken fence and finds JSON later in the text", () => {
+Deno.test("readJson skips a broken fence and finds JSON later in the text", () => {
   const text = '```json\n{not json}\n```\nActually: {"ok": true}';
-  assert.deepEqual(extractJson(text), { ok: true });
+  assert.deepEqual(readJson(text).value, { ok: true });
 });
 
-Deno.test("extractJson with no JSON throws an Error quoting the text", () => {
+Deno.test("readJson with no JSON throws an Error quoting the text", () => {
   const text = "I am sorry, I cannot help with that request.";
-  assert.throws(() => extractJson(text), (error: unknown) => {
+  assert.throws(() => readJson(text).value, (error: unknown) => {
     assert.ok(error instanceof Error);
     assert.match(error.message, /I am sorry, I cannot help with that request\./);
     return true;
   });
 });
 
-Deno.test("extractJson quotes only the first 200 characters", () => {
+Deno.test("readJson quotes only the first 200 characters", () => {
   const text = `${"x".repeat(200)}TAIL-NOT-SHOWN`;
-  assert.throws(() => extractJson(text), (error: unknown) => {
+  assert.throws(() => readJson(text).value, (error: unknown) => {
     assert.ok(error instanceof Error);
     assert.ok(error.message.includes("x".repeat(200)));
     assert.ok(!error.message.includes("TAIL-NOT-SHOWN"));
@@ -88,10 +88,10 @@ Deno.test("extractJson quotes only the first 200 characters", () => {
   });
 });
 
-Deno.test("extractJson with broken JSON throws", () => {
-  assert.throws(() => extractJson('{"a": 1, "b": }'), Error);
-  assert.throws(() => extractJson('Here: {"unterminated": "value'), Error);
-  assert.throws(() => extractJson(""), Error);
+Deno.test("readJson with broken JSON throws", () => {
+  assert.throws(() => readJson('{"a": 1, "b": }').value, Error);
+  assert.throws(() => readJson('Here: {"unterminated": "value').value, Error);
+  assert.throws(() => readJson("").value, Error);
 });
 
 Deno.test("stripThinking removes <think> blocks", () => {
