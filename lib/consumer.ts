@@ -31,6 +31,8 @@ import { JobScheduler } from "./scheduler.ts";
 import { ensureGroups, JOB_STREAMS, moveToDead } from "./streams.ts";
 import { repeatEvery, sleep } from "./utils.ts";
 import {
+  type Fence,
+  type Lease,
   type LeasedEntry,
   type LeasedRun,
   refreshIntervalMs,
@@ -147,7 +149,7 @@ export class Consumer {
       storeFor: (item) => {
         if (!item.lease) return this.#ledger;
         let ledger = fenced.get(item);
-        if (!ledger) fenced.set(item, ledger = this.#ledger.fenced(this.#users.fence(item.lease)));
+        if (!ledger) fenced.set(item, ledger = this.#ledger.fenced(this.#fence(item, item.lease)));
         return ledger;
       },
       guard: (item) => {
@@ -328,19 +330,41 @@ export class Consumer {
   }
 
   /**
-   * After a job of a user ended (acknowledged): its entry leaves the user's queue and this
-   * replica runs the user's next job, or gives the lease up when there is none (or when it
-   * stops). A failure to reach Redis is tried again; a lost lease ends it.
+   * The fence of a job's writes under `lease`. The write that ends the job (its acknowledgement)
+   * hands the user on in the same script: its entry leaves the user's queue, and this replica
+   * runs the user's next job, or gives the lease up when there is none (or when it stops) and
+   * takes free users instead.
+   */
+  #fence(item: WorkItem, lease: Lease): Fence {
+    const handOn = this.#users.handOn(lease, item, {
+      giveUp: () => this.#stopping.signal.aborted,
+      users: () => this.#stopping.signal.aborted ? 0 : this.#userRoom() + 1,
+      took: (runs) => {
+        item.handedOn = true;
+        this.#took(runs, lease);
+      },
+    });
+    return { ...this.#users.fence(lease), handOn };
+  }
+
+  /**
+   * After a job of a user ended without the hand-on in its last write (a dead letter): the same
+   * hand-on, alone. A failure to reach Redis is tried again; a lost lease ends it.
    */
   async #handOn(item: WorkItem): Promise<void> {
     const lease = item.lease;
-    if (!lease) return;
+    if (!lease || item.handedOn) return;
     for (let attempt = 0;; attempt++) {
       try {
-        const next = await this.#users.advance(lease, item, this.#stopping.signal.aborted);
-        if (next) this.#admitLeased([], [next], false);
-        // A user given up leaves room: take a user left free, if any, at once.
-        else if (!this.#stopping.signal.aborted) await this.#sweep().catch(() => {});
+        const stopping = this.#stopping.signal.aborted;
+        this.#took(
+          await this.#users.advance(lease, item, {
+            giveUp: stopping,
+            users: stopping ? 0 : this.#userRoom() + 1,
+          }),
+          lease,
+        );
+        item.handedOn = true;
         return;
       } catch (error) {
         if (error instanceof LeaseLostError) return;
@@ -381,9 +405,16 @@ export class Consumer {
   /** Takes free users: those whose holder let its lease expire, and those left for room. */
   async #sweep(): Promise<void> {
     if (this.#stopping.signal.aborted) return;
-    const runs = await this.#users.sweep(this.#userRoom());
+    this.#took(await this.#users.sweep(this.#userRoom()));
+  }
+
+  /**
+   * Runs handed to this replica by a sweep or by the hand-on of `from` (whose user's next job
+   * is no takeover): to the scheduler.
+   */
+  #took(runs: LeasedRun[], from?: Lease): void {
     if (runs.length === 0) return;
-    const taken = runs.filter((run) => run.redelivered).length;
+    const taken = runs.filter((run) => run.redelivered && run.lease !== from).length;
     if (taken > 0) {
       this.#log.info("Took over {n} user(s) whose replica stopped refreshing its lease.", {
         n: taken,

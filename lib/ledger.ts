@@ -15,7 +15,7 @@ import { runScript } from "./redis.ts";
 import { LeaseLostError } from "./errors.ts";
 import type { Effects, Job } from "./job.ts";
 import { GROUP, type Notification, notificationArgs, NOTIFY_STREAM } from "./streams.ts";
-import { type Fence, fencedScript, isFenced } from "./user_lease.ts";
+import { type Fence, fencedScript, handingOnScript, isFenced } from "./user_lease.ts";
 
 /** Prefix of the ledger's keys. */
 export const LEDGER_PREFIX = "llm-worker:job:";
@@ -73,6 +73,11 @@ const FENCED = new Map(
   ),
 );
 
+/** The scripts that end a job, fenced and followed by the user's hand-on (lib/user_lease.ts). */
+const HANDING_ON = new Map(
+  [FINISH_SCRIPT, ACK_SCRIPT].map((script) => [script, handingOnScript(script)]),
+);
+
 /** What the ledger knows of one job. */
 export interface JobRecord {
   /** True when Redis had any record of the job. */
@@ -104,7 +109,10 @@ export class JobLedger {
   readonly #redis: Redis;
   readonly #fence?: Fence;
 
-  /** A ledger over `redis`; with `fence`, every write is fenced by that user's lease. */
+  /**
+   * A ledger over `redis`; with `fence`, every write is fenced by that user's lease, and the
+   * write that ends a job (`finish`, `ack`) runs the fence's hand-on in the same step.
+   */
   constructor(redis: Redis, fence?: Fence) {
     this.#redis = redis;
     this.#fence = fence;
@@ -195,6 +203,7 @@ export class JobLedger {
       FINISH_SCRIPT,
       [job.stream, this.key(job.jobId), NOTIFY_STREAM],
       [GROUP, job.entryId, status, LEDGER_TTL_MS, ...payloads],
+      true,
     );
     return ended === 1;
   }
@@ -214,7 +223,7 @@ export class JobLedger {
 
   /** Acknowledges an entry whose job needs nothing more. */
   async ack(job: Pick<Job, "stream" | "entryId">): Promise<void> {
-    if (this.#fence) await this.#eval(ACK_SCRIPT, [job.stream], [GROUP, job.entryId]);
+    if (this.#fence) await this.#eval(ACK_SCRIPT, [job.stream], [GROUP, job.entryId], true);
     else await this.#redis.xack(job.stream, GROUP, job.entryId);
   }
 
@@ -227,24 +236,34 @@ export class JobLedger {
     await this.#eval(WRITE_SCRIPT, [this.key(jobId)], [LEDGER_TTL_MS, field, value]);
   }
 
-  /** Runs one of the scripts above, behind the fence when there is one. */
+  /**
+   * Runs one of the scripts above, behind the fence when there is one; a script that `ends` the
+   * job runs the fence's hand-on too.
+   */
   async #eval(
     script: string,
     keys: string[],
     args: Array<string | number>,
+    ends = false,
   ): Promise<unknown> {
     const fence = this.#fence;
     if (!fence) return await runScript(this.#redis, script, keys.length, ...keys, ...args);
+    const handOn = ends ? fence.handOn : undefined;
     try {
-      return await runScript(
+      const answer = await runScript(
         this.#redis,
-        FENCED.get(script)!,
+        (handOn ? HANDING_ON : FENCED).get(script)!,
         keys.length + 1,
         fence.key,
         ...keys,
         fence.token,
         ...args,
+        ...handOn?.args() ?? [],
       );
+      if (!handOn) return answer;
+      const [written, ...handed] = answer as unknown[];
+      handOn.done(handed);
+      return written;
     } catch (error) {
       if (isFenced(error)) throw new LeaseLostError(fence.userId);
       throw error;

@@ -15,8 +15,10 @@
  *   an expiry in `llm-worker:leases`. It is granted to a replica that finds it free or expired,
  *   with a new token from `INCR llm-worker:fence`. Only the holder runs the user's jobs: always
  *   the head of the queue, claimed (`XCLAIM`) from whichever consumer read it. When the job ends
- *   the holder takes the next head ({@linkcode UserLeases.advance}); with the queue empty the
- *   lease is dropped. The holder refreshes its leases every third of the lease time.
+ *   the holder takes the next head, in the same script as the job's acknowledgement
+ *   ({@linkcode handingOnScript}; {@linkcode UserLeases.advance} alone); with the queue empty the
+ *   lease is dropped and free users are taken in its place. The holder refreshes its leases every
+ *   third of the lease time.
  * - **Fencing.** Every write a job makes in Redis (acknowledgement, notifications, the job's
  *   record) runs in a script that first compares the token ({@linkcode fencedScript}); a replica
  *   that was paused or cut off past its lease finds another token there and writes nothing. Before
@@ -52,12 +54,12 @@ export function refreshIntervalMs(leaseMs: number): number {
 }
 
 /**
- * The Lua shared by every lease script. ARGV[1..5] = key prefix, group, consumer name, instance
- * id, lease ms; a script's own arguments start at ARGV[6].
+ * The Lua shared by every lease script. BASE[1..5] = key prefix, group, consumer name, instance
+ * id, lease ms (BASE is ARGV in the lease scripts, whose own arguments start at ARGV[6]).
  */
 const LIBRARY = `
-local P, GROUP, ME, INSTANCE = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local LEASE_MS = tonumber(ARGV[5])
+local P, GROUP, ME, INSTANCE = BASE[1], BASE[2], BASE[3], BASE[4]
+local LEASE_MS = tonumber(BASE[5])
 local LEASES, FENCE = P .. 'leases', P .. 'fence'
 local function qkey(u) return P .. 'user:' .. u .. ':queue' end
 local function lkey(u) return P .. 'user:' .. u .. ':lease' end
@@ -151,13 +153,38 @@ local function sweep(now, runs)
   end
   grants = 0
 end
+-- The job of user u at entry (stream, id) ended under this replica's lease (token checked by the
+-- caller): the entry leaves the queue and the user's next job is run here, keeping the lease
+-- (answers 1); with none the lease goes and up to n free users are taken; with give_up the
+-- lease goes, and the user waits, free, for any replica.
+local function hand_on(u, token, stream, id, give_up, n, runs)
+  redis.call('ZREM', qkey(u), member(stream, id))
+  if give_up then
+    release(u)
+    return 0
+  end
+  local now = now_ms()
+  local run = next_run(u)
+  if run then
+    redis.call('ZADD', LEASES, now + LEASE_MS, u)
+    runs[1] = {u, token, run[1], run[2], run[3], run[4]}
+    return 1
+  end
+  drop(u)
+  grants = n
+  sweep(now, runs)
+  return 0
+end
 `;
+
+/** Each lease script's own Lua runs after the library, its BASE being its ARGV. */
+const lease = (script: string) => `local BASE = ARGV\n${LIBRARY}\n${script}`;
 
 /**
  * ARGV[6] = most entries wanted, ARGV[7] = most entries pending under this consumer, ARGV[8] =
  * most users to take, then the streams.
  */
-const READ_SCRIPT = `${LIBRARY}
+const READ_SCRIPT = lease(`
 local want, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
 grants = tonumber(ARGV[8])
 local streams = {}
@@ -206,10 +233,10 @@ for k = 1, taken do
   admit(s, id, fields[s .. ' ' .. id], now, nobody, runs)
 end
 sweep(now, runs)
-return {nobody, runs, last, n < want and 1 or 0, taken}`;
+return {nobody, runs, last, n < want and 1 or 0, taken}`);
 
 /** ARGV[6] = most users to take, then stream, entry id pairs pending under this consumer. */
-const ADOPT_SCRIPT = `${LIBRARY}
+const ADOPT_SCRIPT = lease(`
 local now = now_ms()
 local nobody, runs = {}, {}
 grants = tonumber(ARGV[6])
@@ -217,40 +244,43 @@ for i = 7, #ARGV - 1, 2 do
   local e = redis.call('XRANGE', ARGV[i], ARGV[i + 1], ARGV[i + 1])[1]
   admit(ARGV[i], ARGV[i + 1], e and e[2] or false, now, nobody, runs)
 end
-return {nobody, runs}`;
+return {nobody, runs}`);
 
 /** ARGV[6] = most leases to take. */
-const SWEEP_SCRIPT = `${LIBRARY}
+const SWEEP_SCRIPT = lease(`
 local runs = {}
 grants = tonumber(ARGV[6])
 sweep(now_ms(), runs)
-return runs`;
+return runs`);
 
-/** ARGV[6] = user, token, stream, entry id of the job that ended, '1' to release instead. */
-const ADVANCE_SCRIPT = `${LIBRARY}
-local u = ARGV[6]
-if redis.call('HGET', lkey(u), 'token') ~= ARGV[7] then return redis.error_reply('FENCED ' .. u) end
-redis.call('ZREM', qkey(u), member(ARGV[8], ARGV[9]))
-if ARGV[10] == '1' then
-  release(u)
-  return false
+/** The arguments of {@linkcode HAND_ON}, after the base: user, token, stream, entry id, give up, users. */
+const HAND_ON_ARGS = 6;
+
+/** Runs `hand_on` with the 6 arguments from `at` on in `args`: answers {kept, runs}. */
+const HAND_ON = `
+local function hand_on_from(args, at)
+  local runs = {}
+  local kept = hand_on(args[at], args[at + 1], args[at + 2], args[at + 3], args[at + 4] == '1',
+    tonumber(args[at + 5]), runs)
+  return {kept, runs}
 end
-local run = next_run(u)
-if not run then
-  drop(u)
-  return false
+`;
+
+/** ARGV[6..11] = the hand-on's arguments (user, token, ended entry's stream and id, give up, users). */
+const ADVANCE_SCRIPT = lease(`${HAND_ON}
+if redis.call('HGET', lkey(ARGV[6]), 'token') ~= ARGV[7] then
+  return redis.error_reply('FENCED ' .. ARGV[6])
 end
-redis.call('ZADD', LEASES, now_ms() + LEASE_MS, u)
-return run`;
+return hand_on_from(ARGV, 6)`);
 
 /** ARGV[6] = user, token: gives the lease up (the next sweep of any replica takes it). */
-const RELEASE_SCRIPT = `${LIBRARY}
+const RELEASE_SCRIPT = lease(`
 if redis.call('HGET', lkey(ARGV[6]), 'token') ~= ARGV[7] then return 0 end
 release(ARGV[6])
-return 1`;
+return 1`);
 
 /** ARGV[6..] = user, token pairs. Answers the users whose token changed (lost). */
-const REFRESH_SCRIPT = `${LIBRARY}
+const REFRESH_SCRIPT = lease(`
 local now = now_ms()
 local lost = {}
 for i = 6, #ARGV - 1, 2 do
@@ -260,7 +290,7 @@ for i = 6, #ARGV - 1, 2 do
     lost[#lost + 1] = ARGV[i]
   end
 end
-return lost`;
+return lost`);
 
 /**
  * Lua put before a script to fence it: KEYS[1] is a lease's key and ARGV[1] its token; they are
@@ -290,6 +320,40 @@ export function fencedScript(script: string): string {
   return FENCE_PRELUDE + script;
 }
 
+/** Lua put before a handing-on script: the base and hand-on arguments taken off ARGV's end. */
+const HANDING_ON_PRELUDE = `
+local BASE = {}
+for i = ${5 + HAND_ON_ARGS}, 1, -1 do BASE[i] = table.remove(ARGV) end
+${LIBRARY}
+${HAND_ON}`;
+
+/**
+ * `script` fenced as by {@linkcode fencedScript}, then, in the same atomic step, the hand-on of
+ * the user whose job it ends ({@linkcode UserLeases.handOn}): the ended entry leaves the user's
+ * queue, and the user's next job, or free users when there is none, is taken. Called with the
+ * fence's key before the script's KEYS, the token before its ARGV and the hand-on's arguments
+ * ({@linkcode HandOn.args}) after them; answers `{script's answer, kept, runs}` for
+ * {@linkcode HandOn.done}. The script must answer something other than nil.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const ending = handingOnScript("return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])");
+ * assert.ok(ending.includes("FENCED") && ending.includes("hand_on"));
+ * ```
+ */
+export function handingOnScript(script: string): string {
+  return `${HANDING_ON_PRELUDE}${FENCE_PRELUDE}
+local function written()
+${script}
+end
+local answer = written()
+if type(answer) == 'table' and answer.err then return answer end
+local handed = hand_on_from(BASE, 6)
+return {answer, handed[1], handed[2]}`;
+}
+
 /** True for the error of a fenced script whose token no longer holds. */
 export function isFenced(error: unknown): boolean {
   return error instanceof Error && error.message.startsWith("FENCED");
@@ -303,6 +367,16 @@ export interface Fence {
   token: string;
   /** The user, for errors. */
   userId: string;
+  /** The user's hand-on, run by the script that ends the job ({@linkcode handingOnScript}). */
+  handOn?: HandOn;
+}
+
+/** A user's hand-on, run in the same script as the write that ends the user's job. */
+export interface HandOn {
+  /** The hand-on's arguments, put after the script's own (read when the script is sent). */
+  args(): string[];
+  /** Takes the script's hand-on answer (`[kept, runs]`). */
+  done(answer: unknown): void;
 }
 
 /** A lease this replica holds on one user. */
@@ -500,40 +574,54 @@ export class UserLeases {
   }
 
   /**
-   * Ends `done` (the job just acknowledged) in its user's queue and returns the user's next job,
-   * keeping the lease; with none left, or with `release`, the lease is given up and `null`
-   * returned.
+   * Ends `done` (the job just acknowledged) in its user's queue and hands the user on: the
+   * user's next job keeps the lease (it comes first in the answer); with none left, or with
+   * `giveUp`, the lease goes and up to `users` free users are taken instead.
    *
    * @throws {LeaseLostError} when another replica holds the user now.
    */
   async advance(
     lease: Lease,
     done: { stream: string; entryId: string },
-    release = false,
-  ): Promise<LeasedRun | null> {
+    { giveUp = false, users = 0 }: { giveUp?: boolean; users?: number } = {},
+  ): Promise<LeasedRun[]> {
     const sent = this.#clock();
-    let raw: [string, string, string[] | false, number] | null;
+    let answer: unknown;
     try {
-      raw = await this.#eval(
+      answer = await this.#eval(
         ADVANCE_SCRIPT,
-        lease.userId,
-        lease.token,
-        done.stream,
-        done.entryId,
-        release ? "1" : "0",
-      ) as typeof raw;
+        ...this.#handOnArgs(lease, done, giveUp, users),
+      );
     } catch (error) {
       if (!isFenced(error)) throw error;
       this.#lose(lease);
       throw new LeaseLostError(lease.userId);
     }
-    if (!raw) {
-      this.#forget(lease);
-      return null;
-    }
-    lease.deadline = Math.max(lease.deadline, sent + this.#leaseMs);
-    const [stream, entryId, fields, started] = raw;
-    return { lease, stream, entryId, fields: fields || null, redelivered: started === 1 };
+    return this.#handedOn(lease, answer, sent);
+  }
+
+  /**
+   * The hand-on of `lease`'s user after `done`, for the script that ends that job
+   * ({@linkcode handingOnScript}, through {@linkcode Fence.handOn}): what
+   * {@linkcode UserLeases.advance} does, in the same step as the job's last write. `took` gets
+   * the runs handed to this replica.
+   */
+  handOn(
+    lease: Lease,
+    done: { stream: string; entryId: string },
+    options: { giveUp(): boolean; users(): number; took(runs: LeasedRun[]): void },
+  ): HandOn {
+    let sent = 0;
+    return {
+      args: () => {
+        sent = this.#clock();
+        return [
+          ...this.#base,
+          ...this.#handOnArgs(lease, done, options.giveUp(), options.users()),
+        ];
+      },
+      done: (answer) => options.took(this.#handedOn(lease, answer, sent)),
+    };
   }
 
   /** Gives a lease up at once (other replicas take the user at their next sweep). */
@@ -584,6 +672,37 @@ export class UserLeases {
       throw new LeaseLostError(lease.userId);
     }
     lease.deadline = Math.max(lease.deadline, sent + this.#leaseMs);
+  }
+
+  #handOnArgs(
+    lease: Lease,
+    done: { stream: string; entryId: string },
+    giveUp: boolean,
+    users: number,
+  ): string[] {
+    return [
+      lease.userId,
+      lease.token,
+      done.stream,
+      done.entryId,
+      giveUp ? "1" : "0",
+      String(Math.max(0, users)),
+    ];
+  }
+
+  /** The runs of a hand-on's answer: the user's next (same lease) first, or the users taken. */
+  #handedOn(lease: Lease, answer: unknown, sent: number): LeasedRun[] {
+    const [kept, raws] = answer as [number, RawRun[]];
+    if (kept !== 1) {
+      this.#forget(lease);
+      return raws.map((raw) => this.#run(raw, sent));
+    }
+    lease.deadline = Math.max(lease.deadline, sent + this.#leaseMs);
+    const [[, , stream, entryId, fields, started], ...taken] = raws;
+    return [
+      { lease, stream, entryId, fields: fields || null, redelivered: started === 1 },
+      ...taken.map((raw) => this.#run(raw, sent)),
+    ];
   }
 
   #run(raw: RawRun, sent: number): LeasedRun {

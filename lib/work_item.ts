@@ -44,6 +44,8 @@ export interface WorkItem {
   lease?: Lease;
   /** Resolved when the lease is found lost: a job waiting for a retry stops waiting. */
   lostWake?: PromiseWithResolvers<void>;
+  /** Set once the job's end handed its user on (the user's next job, or free users, taken). */
+  handedOn?: boolean;
 }
 
 /** How a job ends, decided before it is written (kept while Core is down). */

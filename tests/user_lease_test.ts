@@ -75,7 +75,7 @@ Deno.test("a user's next entry, read by another consumer, is handed to the holde
     const read2 = await r2.read(10, 100);
     assert.equal(read2.read, 2);
     assert.deepEqual(read2.runs, []);
-    const run2 = await r1.advance(run1.lease, run1);
+    const [run2] = await r1.advance(run1.lease, run1);
     assert.equal(run2 && jobOf(run2), "second");
     assert.equal(run2!.redelivered, false);
     // The entry moved to r1's pending list.
@@ -83,9 +83,9 @@ Deno.test("a user's next entry, read by another consumer, is handed to the holde
       [string, string],
     ];
     assert.equal(owner, "r1");
-    const run3 = await r1.advance(run2!.lease, run2!);
+    const [run3] = await r1.advance(run2!.lease, run2!);
     assert.equal(run3 && jobOf(run3), "third");
-    assert.equal(await r1.advance(run3!.lease, run3!), null); // queue empty: lease dropped
+    assert.deepEqual(await r1.advance(run3!.lease, run3!), []); // queue empty: lease dropped
     assert.equal(r1.held, 0);
     assert.equal(await redis.exists(r1.leaseKey("7")), 0);
     // Free again: the next reader takes the user.
@@ -130,7 +130,7 @@ Deno.test("an expired lease is taken over with a new token; the old holder is fe
     // The new holder's writes go through, and it runs j2 next.
     const fresh = new JobLedger(redis).fenced(r2.fence(taken.lease));
     assert.equal(await fresh.finish(job, "completed", [notification]), true);
-    const next = await r2.advance(taken.lease, taken);
+    const [next] = await r2.advance(taken.lease, taken);
     assert.equal(next && jobOf(next), "j2");
   });
 });
@@ -190,10 +190,10 @@ Deno.test("entries acknowledged elsewhere are skipped; a deleted entry is handed
     const [run] = (await r.read(10, 100)).runs;
     await redis.xack("llm:intent", GROUP, b);
     await redis.xdel("llm:followup", c);
-    const next = await r.advance(run.lease, run);
+    const [next] = await r.advance(run.lease, run);
     assert.equal(next?.entryId, c);
     assert.equal(next?.fields, null);
-    const last = await r.advance(next!.lease, next!);
+    const [last] = await r.advance(next!.lease, next!);
     assert.equal(last?.entryId, d);
   });
 });
@@ -252,3 +252,80 @@ Deno.test("a restarted consumer with no room for all its users leaves the rest f
     assert.deepEqual((await leases(redis, "r2").sweep()).map(jobOf), ["b"]);
   });
 });
+
+Deno.test("a hand-on with no next job takes free users in its place; giving up leaves the user free", async () => {
+  await withRedis(async (redis) => {
+    await add(redis, "llm:intent", 1, "a");
+    await add(redis, "llm:intent", 2, "b");
+    await add(redis, "llm:intent", 3, "c");
+    await add(redis, "llm:followup", 3, "d");
+    const r1 = leases(redis, "r1");
+    const [run] = (await r1.read(10, 100, 1)).runs; // room for one user: 2 and 3 wait, free
+    assert.equal(jobOf(run), "a");
+    const taken = await r1.advance(run.lease, run, { users: 1 });
+    assert.deepEqual(taken.map(jobOf), ["b"]); // user 1 had no next job: one free user instead
+    assert.equal(r1.held, 1);
+    assert.equal(await redis.exists(r1.leaseKey("1")), 0);
+    const [c] = await r1.advance(taken[0].lease, taken[0], { users: 1 });
+    assert.equal(jobOf(c), "c");
+    // A stopping replica gives user 3 up with d still queued: another replica runs d.
+    assert.deepEqual(await r1.advance(c.lease, c, { giveUp: true, users: 5 }), []);
+    assert.equal(r1.held, 0);
+    assert.deepEqual((await leases(redis, "r2").sweep()).map(jobOf), ["d"]);
+  });
+});
+
+Deno.test("a job's end acknowledges, notifies and hands its user on in one script, fenced", async () => {
+  await withRedis(async (redis) => {
+    const r1 = leases(redis, "r1", 300);
+    await add(redis, "llm:intent", 6, "j1");
+    await add(redis, "llm:followup", 6, "j2");
+    await add(redis, "llm:intent", 8, "k1");
+    const [run] = (await r1.read(10, 100, 1)).runs;
+    const job: Job = {
+      jobId: "j1",
+      jobType: "intent_classify",
+      payload: {},
+      userId: 6,
+      stream: run.stream,
+      entryId: run.entryId,
+    };
+    const handed: LeasedRun[][] = [];
+    const ending = (from: UserLeases, lease = run.lease) =>
+      new JobLedger(redis).fenced({
+        ...from.fence(lease),
+        handOn: from.handOn(lease, run, {
+          giveUp: () => false,
+          users: () => 1,
+          took: (runs) => handed.push(runs),
+        }),
+      });
+    const notification = { user_id: 6, message_type: "m", content: {} };
+    const calls = await redis.info("commandstats");
+    assert.equal(await ending(r1).finish(job, "completed", [notification]), true);
+    assert.equal(
+      countOf(await redis.info("commandstats"), "evalsha") - countOf(calls, "evalsha"),
+      1,
+    );
+    assert.deepEqual(handed.map((runs) => runs.map(jobOf)), [["j2"]]);
+    assert.equal(handed[0][0].lease, run.lease); // the same lease runs the user's next job
+    assert.equal(await redis.xlen(NOTIFY_STREAM), 1);
+    assert.equal(await redis.zcard(r1.queueKey("6")), 1); // j1 left the queue, j2 is its head
+    // Sent again (a reply lost with its connection): nothing twice, the same next job.
+    assert.equal(await ending(r1).finish(job, "completed", [notification]), false);
+    assert.deepEqual(handed[1].map(jobOf), ["j2"]);
+    assert.equal(handed[1][0].redelivered, true);
+    assert.equal(await redis.xlen(NOTIFY_STREAM), 1);
+    // A replica that lost the user writes nothing and hands nothing on.
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    const r2 = leases(redis, "r2", 300);
+    assert.deepEqual((await r2.sweep()).map(jobOf).sort(), ["j2", "k1"]);
+    await assert.rejects(ending(r1).ack(job), LeaseLostError);
+    assert.equal(handed.length, 2);
+    assert.equal(await redis.zcard(r1.queueKey("6")), 1);
+  });
+});
+
+function countOf(commandstats: string, command: string): number {
+  return Number(commandstats.match(new RegExp(`cmdstat_${command}:calls=(\\d+)`))?.[1] ?? 0);
+}
