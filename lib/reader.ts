@@ -40,10 +40,12 @@ export interface StreamReaderOptions {
   blockMs: number;
   /** The most entries held at once. */
   maxHeld: number;
-  /** Where entries go: how many are held, and waiting for room. */
+  /** Where entries go: how many are held and over, and waiting for room. */
   scheduler: {
     readonly held: number;
+    readonly ended: number;
     whenHeldBelow(limit: number, signal?: AbortSignal): Promise<void>;
+    whenEnded(count: number, signal?: AbortSignal): Promise<void>;
   };
   /** Reading waits while the model server is down. */
   health: { untilAvailable(signal?: AbortSignal): Promise<void> };
@@ -146,7 +148,7 @@ export class StreamReader {
         const room = Math.max(1, this.#maxHeld - this.#scheduler.held);
         const read = await this.#read(room);
         if (signal.aborted) break; // a stopped scheduler takes nothing: they stay pending
-        if (read.read < room) await this.#waitForEntries(read, signal);
+        if (read.read < room) await this.#waitForEntries(read, batch, signal);
       } catch (error) {
         if (signal.aborted) break;
         await this.#onRedisError(error);
@@ -156,10 +158,19 @@ export class StreamReader {
 
   /**
    * Waits for entries newer than the last read (at most `blockMs`); with too many entries pending
-   * under this consumer, for a moment, while the replicas that hold their users take them.
+   * under this consumer, until `batch` of them are over here, or for 100 ms at most (entries
+   * whose users other replicas hold leave as those replicas take them).
    */
-  async #waitForEntries(read: ReadSummary, signal: AbortSignal): Promise<void> {
-    if (read.capped) return await sleep(Math.min(this.#blockMs, 100), signal);
+  async #waitForEntries(read: ReadSummary, batch: number, signal: AbortSignal): Promise<void> {
+    if (read.capped) {
+      const waited = new AbortController();
+      const either = AbortSignal.any([signal, waited.signal]);
+      await Promise.race([
+        sleep(Math.min(this.#blockMs, 100), either),
+        this.#scheduler.whenEnded(this.#scheduler.ended + batch, either),
+      ]).finally(() => waited.abort());
+      return;
+    }
     await this.#reader.call(
       "XREAD",
       "COUNT",

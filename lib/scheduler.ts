@@ -68,6 +68,7 @@ export class JobScheduler<T extends Schedulable> {
   readonly #running = new Set<T>();
   readonly #waiting = new Map<T, () => void>();
   #held = 0;
+  #ended = 0;
   #stopped = false;
   #changed = Promise.withResolvers<void>();
 
@@ -91,6 +92,11 @@ export class JobScheduler<T extends Schedulable> {
   /** Items waiting to be retried. */
   get waiting(): number {
     return this.#waiting.size;
+  }
+
+  /** Items over since the start (their run ended with no retry). */
+  get ended(): number {
+    return this.#ended;
   }
 
   /**
@@ -124,6 +130,14 @@ export class JobScheduler<T extends Schedulable> {
   /** Resolves once fewer than `limit` items are held (or `signal` aborts: then it rejects). */
   async whenHeldBelow(limit: number, signal?: AbortSignal): Promise<void> {
     while (this.#held >= limit) {
+      signal?.throwIfAborted();
+      await this.#nextChange(signal);
+    }
+  }
+
+  /** Waits until `count` items in all are over (see {@linkcode JobScheduler.ended}). */
+  async whenEnded(count: number, signal?: AbortSignal): Promise<void> {
+    while (this.#ended < count) {
       signal?.throwIfAborted();
       await this.#nextChange(signal);
     }
@@ -203,6 +217,7 @@ export class JobScheduler<T extends Schedulable> {
 
   #finish(item: T): void {
     this.#running.delete(item);
+    this.#ended++;
     if (this.#stopped) return this.#forget(item);
     this.#held--;
     const user = item.userId;

@@ -120,3 +120,23 @@ Deno.test("scheduler: a run that throws is reported and retried", async () => {
   assert.equal(scheduler.waiting, 1);
   scheduler.stop();
 });
+
+Deno.test("scheduler: whenEnded counts items over, not retries", async () => {
+  const { scheduler, finish } = controlled(3);
+  for (const name of ["a", "b", "c"]) scheduler.add({ userId: null, entryId: "1-0", name });
+  let two = false;
+  const ended = scheduler.whenEnded(2).then(() => two = true);
+  await finish("a");
+  await finish("b", { retryInMs: 60_000 }); // waits to run again: not over
+  assert.equal(scheduler.ended, 1);
+  assert.equal(two, false);
+  await finish("c");
+  await ended;
+  assert.equal(two, true);
+  assert.equal(scheduler.ended, 2);
+  const aborted = new AbortController();
+  const never = scheduler.whenEnded(10, aborted.signal);
+  aborted.abort(new Error("stop"));
+  await assert.rejects(never, /stop/);
+  scheduler.stop();
+});
