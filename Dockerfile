@@ -4,8 +4,9 @@
 #   docker build --target test .              # runs the test suite as CI does (.ci/run)
 #
 # The build stage installs the locked dependencies and bundles the worker into one file
-# (`deno task bundle`, with the dead-letter tool beside it); the runtime image holds only those files and runs it as the image's
-# non-root `deno` user, with the permissions of `deno task start`.
+# (`deno task bundle`, with the dead-letter and prompts tools beside it); the runtime image holds
+# only those files and runs the worker as the image's non-root `deno` user, with the permissions
+# of `deno task start`.
 
 FROM denoland/deno:2.9.6 AS build
 WORKDIR /app
@@ -26,6 +27,9 @@ COPY --from=build --chown=deno:deno /app/dist/llm-worker.bundle.js ./llm-worker.
 # The dead-letter tool (README "Dead letters"):
 #   docker compose exec llm-worker deno run --no-config --allow-net --allow-env --allow-read=.env dead.js list
 COPY --from=build --chown=deno:deno /app/dist/dead.bundle.js ./dead.js
+# The built-in prompts, as a start for LLM_PROMPTS_DIR (README "Prompts"):
+#   docker run --rm -v "$PWD/prompts:/prompts" <image> run --no-config --allow-write=/prompts prompts.js /prompts
+COPY --from=build --chown=deno:deno /app/dist/prompts.bundle.js ./prompts.js
 USER deno
 
 ENV IMAGE_STORAGE_PATH=/data/images \

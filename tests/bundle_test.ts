@@ -138,3 +138,45 @@ Deno.test("the dead-letter tool's bundle runs on its own as the image ships it",
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("the prompts tool's bundle writes the built-in prompts as the image ships it", async () => {
+  const dockerfile = Deno.readTextFileSync(join(REPO_ROOT, "Dockerfile"));
+  assert.match(
+    dockerfile,
+    /^COPY --from=build .*\/app\/dist\/prompts\.bundle\.js \.\/prompts\.js$/m,
+  );
+  const dir = await Deno.makeTempDir({ prefix: "llm-worker-prompts-bundle-" });
+  try {
+    const bundle = join(dir, "prompts.js");
+    const built = await new Deno.Command(Deno.execPath(), {
+      args: bundleArgs(bundle, "cli/prompts.ts"),
+      cwd: REPO_ROOT,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(built.code, 0, new TextDecoder().decode(built.stderr));
+    const command = dockerfile.match(/<image> (run --no-config .*) prompts\.js \/prompts$/m)?.[1];
+    assert.ok(command, "the Dockerfile shows how to run the tool");
+    const out = join(dir, "prompts");
+    await Deno.mkdir(out);
+    const written = await new Deno.Command(Deno.execPath(), {
+      args: [...command.replace("/prompts", out).split(" "), bundle, out],
+      cwd: dir, // no node_modules, no deno.json here
+      clearEnv: true,
+      env: { PATH: Deno.env.get("PATH") ?? "", HOME: dir, NO_COLOR: "1" },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(written.code, 0, new TextDecoder().decode(written.stderr));
+    const files = [...Deno.readDirSync(out)].map((entry) => entry.name).sort();
+    assert.deepEqual(files, [
+      "email_extract.txt",
+      "followup.txt",
+      "image_tag.txt",
+      "intent_classify.txt",
+      "task_match.txt",
+    ]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
