@@ -11,7 +11,7 @@
  * |---|---|---|
  * | `json_in_text` | JSON inside prose or a code fence (set by the caller, see `readJson`) | the JSON |
  * | `json_syntax` | trailing commas, comments, single quotes, bare keys (set by the caller) | JSON5's reading |
- * | `text_from_json` | a JSON object where plain text was asked (set by the caller) | its text field |
+ * | `text_from_json` | a JSON object where plain text was asked ({@linkcode textFromJson}) | its text field |
  * | `missing_field` | a key left out | `null` where the schema takes null, else the value registered with {@linkcode whenMissing} |
  * | `null_text` | `"null"`, `"none"`, `"n/a"` or `""` where null is allowed | `null` |
  * | `key_spelling` | `"Intent"`, `"matched task id"` | the schema's key |
@@ -30,6 +30,7 @@
  * @module
  */
 import { z } from "zod";
+import { readJson } from "./utils.ts";
 
 /** The kinds of mending {@linkcode acceptAnswer} does (the `repair` label of the metric). */
 export const REPAIRS = [
@@ -245,4 +246,35 @@ function baseType(schema: z.ZodType): string {
 
 function isArraySchema(schema: z.ZodType): boolean {
   return baseType(schema) === "array";
+}
+
+/**
+ * The `text_from_json` repair: when `text` (a plain-text answer) is a JSON object, alone or in a
+ * code fence, the text under the first of `keys` that holds some, or `null` when none does (the
+ * answer is unusable). `undefined` when `text` is not a JSON object: it is the answer as it is.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(textFromJson('{"question": "When is it?"}', ["question"]), "When is it?");
+ * assert.equal(textFromJson('{"answer": 42}', ["question"]), null);
+ * assert.equal(textFromJson("When is it?", ["question"]), undefined);
+ * ```
+ */
+export function textFromJson(text: string, keys: readonly string[]): string | null | undefined {
+  if (!text.replace(/```[a-zA-Z0-9_-]*/g, "").trim().startsWith("{")) return undefined;
+  let value: unknown;
+  try {
+    value = readJson(text).value;
+  } catch {
+    return undefined;
+  }
+  if (!value || typeof value !== "object" || Array.isArray(value)) return undefined;
+  const record = value as Record<string, unknown>;
+  for (const key of keys) {
+    const field = record[key];
+    if (typeof field === "string" && field.trim()) return field.trim();
+  }
+  return null;
 }

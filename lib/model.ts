@@ -13,7 +13,7 @@
  */
 import { z } from "zod";
 import type { Logger } from "@logtape/logtape";
-import { acceptAnswer, type Repair } from "./accept.ts";
+import { acceptAnswer, type Repair, textFromJson } from "./accept.ts";
 import { InvalidAnswerError } from "./errors.ts";
 import type { Effects } from "./job.ts";
 import { type ImageSource, type JsonSchemaFormat, type LLMClient, LLMError } from "./llm.ts";
@@ -449,27 +449,6 @@ async function cancellable<T>(waiting: Promise<T>, signal?: AbortSignal): Promis
     }
     throw error;
   }
-}
-
-/**
- * When `text` is a JSON object (alone or in a code fence): the text under the first of `keys`
- * that holds one, or null when none does. Undefined when `text` is not a JSON object.
- */
-function textFromJson(text: string, keys: readonly string[]): string | null | undefined {
-  if (!text.replace(/```[a-zA-Z0-9_-]*/g, "").trim().startsWith("{")) return undefined;
-  let value: unknown;
-  try {
-    value = readJson(text).value;
-  } catch {
-    return undefined;
-  }
-  if (!value || typeof value !== "object" || Array.isArray(value)) return undefined;
-  const record = value as Record<string, unknown>;
-  for (const key of keys) {
-    const field = record[key];
-    if (typeof field === "string" && field.trim()) return field.trim();
-  }
-  return null;
 }
 
 const schemaCache = new WeakMap<z.ZodType, Record<string, unknown>>();
