@@ -57,6 +57,7 @@ const RETRY_KINDS: Partial<Record<JobOutcome, string>> = {
   retry_unavailable: "unavailable",
   retry_error: "error",
   abandoned: "abandoned",
+  lease_lost: "lease_lost",
 };
 
 /**
@@ -149,7 +150,7 @@ export class WorkerMetrics {
     this.#retries = new Counter({
       name: "llm_worker_retries_total",
       help:
-        "Job runs that will be tried again, by job type and kind (invalid: the model's answer was unusable; unavailable: the model server or Core was down; error: an unexpected error, e.g. Redis lost; abandoned: cut short by a stop).",
+        "Job runs that will be tried again, by job type and kind (invalid: the model's answer was unusable; unavailable: the model server or Core was down; error: an unexpected error, e.g. Redis lost; abandoned: cut short by a stop; lease_lost: another replica took the user over).",
       labelNames: ["job_type", "kind"],
       registers,
     });
@@ -289,7 +290,7 @@ export class WorkerMetrics {
         const kind = RETRY_KINDS[outcome];
         if (kind) this.#retries.inc({ job_type: job.jobType, kind });
         else this.#jobs.inc({ job_type: job.jobType, outcome });
-        if (outcome !== "skipped" && outcome !== "abandoned") {
+        if (outcome !== "skipped" && outcome !== "abandoned" && outcome !== "lease_lost") {
           this.#jobDuration.observe({ job_type: job.jobType }, durationMs / 1000);
         }
       },

@@ -27,7 +27,8 @@ import type { Ending, WorkItem } from "./work_item.ts";
 
 /**
  * How a job's run ended, as reported to {@linkcode ConsumerEvents}: the job ended
- * ({@linkcode ENDED_OUTCOMES}), or it will run again (`retry_*`, `abandoned` by a stop).
+ * ({@linkcode ENDED_OUTCOMES}), or it will run again (`retry_*`; `abandoned` by a stop;
+ * `lease_lost` on the replica that holds the user now).
  * `unrecorded`: the job ended but Core refused its final update (e.g. Core does not know it).
  */
 export type JobOutcome =
@@ -38,7 +39,8 @@ export type JobOutcome =
   | "retry_invalid"
   | "retry_unavailable"
   | "retry_error"
-  | "abandoned";
+  | "abandoned"
+  | "lease_lost";
 
 /** The outcomes that end a job: its entry is acknowledged. */
 export const ENDED_OUTCOMES: readonly JobOutcome[] = [
@@ -187,7 +189,7 @@ export class JobRunner {
       return result.retry;
     } catch (error) {
       if (error instanceof LeaseLostError) {
-        outcome = "abandoned";
+        outcome = "lease_lost";
         return this.#leaseLost(item, error);
       }
       // Redis unreachable while ending the job, or a bug: try again later, nothing acknowledged.

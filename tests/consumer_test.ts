@@ -706,3 +706,33 @@ Deno.test("a redelivered job Core does not know fails without running, and is ac
   assert.equal(notices[0].message_type, "llm_failure");
   assert.equal(notices[0].user_id, 8);
 });
+
+Deno.test("a replica whose user was taken over writes nothing more and counts the run as lease_lost", async () => {
+  const release = Promise.withResolvers<void>();
+  let calls = 0;
+  await using stack = await startStack({
+    reply: async (request) => {
+      if (++calls === 1) await release.promise;
+      return defaultReply(request);
+    },
+  });
+  const outcomes: string[] = [];
+  const worker = await stack.startWorker({}, {
+    events: { jobEnded: (_job, outcome) => outcomes.push(outcome) },
+  });
+  const jobId = await stack.enqueue("followup", { message: "whose am I?" }, 31);
+  await stack.waitFor(() => calls === 1, "the model call");
+  // Another replica took user 31 over (as after this one's pause past its lease).
+  await stack.client.hset("llm-worker:user:31:lease", "owner", "other", "token", "999999");
+  release.resolve();
+  await stack.waitFor(() => outcomes.length === 1, "the run's end");
+  assert.deepEqual(outcomes, ["lease_lost"]);
+  assert.equal(stack.core.state.jobs.get(jobId)!.status, "queued");
+  assert.equal(stack.core.state.requests.filter((r) => r.method === "PATCH").length, 0);
+  assert.deepEqual(await stack.notifications(), []);
+  assert.deepEqual(await stack.pending(), { [STREAM_OF.followup]: 1 });
+  assert.match(
+    await worker.metrics.metrics(),
+    /^llm_worker_retries_total\{job_type="followup",kind="lease_lost"\} 1$/m,
+  );
+});

@@ -99,7 +99,7 @@ Deno.test("/metrics: counters move as jobs complete, fail and are dead-lettered"
     for (const outcome of ["completed", "failed", "unrecorded", "skipped"]) {
       assert.equal(sample(before, "llm_worker_jobs_total", { job_type: jobType, outcome }), 0);
     }
-    for (const kind of ["invalid", "unavailable", "error", "abandoned"]) {
+    for (const kind of ["invalid", "unavailable", "error", "abandoned", "lease_lost"]) {
       assert.equal(sample(before, "llm_worker_retries_total", { job_type: jobType, kind }), 0);
     }
   }
