@@ -16,8 +16,13 @@
  *   there is room (else the slot counts as lost: logged), and reports tickets granted while their
  *   message was lost. A replica that waits also refreshes as soon as the earliest lease runs out.
  *
+ * The budget itself is kept in Redis too (`<key>:limit`): each replica writes its own at start
+ * and warns when another replica had written a different one, and every script counts against
+ * the one in Redis, so all replicas share one limit even when their settings differ (the last
+ * started wins; with the key gone, each replica's own).
+ *
  * Every script first drops expired holders and gives the freed slots to the queue. Invariants:
- * holders never exceed `limit` (every replica must use the same value); a replica that dies holds
+ * holders never exceed the limit in Redis; a replica that dies holds
  * its slots, and its tickets, for at most {@linkcode SLOT_LEASE_MS} (a slot handed to a ticket
  * keeps that ticket's expiry until its replica refreshes it).
  *
@@ -40,19 +45,20 @@ export const SLOT_LEASE_MS = 10_000;
 
 /**
  * The sorted set of slot holders; beside it `<key>:queue` (tickets in order), `<key>:tickets`
- * (each ticket's expiry) and `<key>:seq`; handovers are published on `<key>:granted`.
+ * (each ticket's expiry), `<key>:seq` and `<key>:limit` (the budget); handovers are published on
+ * `<key>:granted`.
  */
 export const SLOTS_KEY = "llm-worker:model-slots";
 
 /**
- * What every script starts with. KEYS = holders, queue, tickets, sequence; ARGV = limit, lease
- * ms, channel, then the script's own arguments.
+ * What every script starts with. KEYS = holders, queue, tickets, sequence, limit; ARGV = this
+ * replica's limit (used when Redis has none), lease ms, channel, then the script's own arguments.
  */
 const PRELUDE = `
 local H, Q, T, C = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit = tonumber(ARGV[1])
+local limit = tonumber(redis.call('GET', KEYS[5])) or tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
 local channel = ARGV[3]
 -- Drops expired holders, gives free slots to the oldest live tickets; returns the slots left.
@@ -227,7 +233,7 @@ export class SharedSlots implements Slots {
     this.#redis = options.redis;
     this.#subscriber = options.subscriber;
     this.#limit = options.limit;
-    this.#keys = ["", ":queue", ":tickets", ":seq"].map((suffix) => SLOTS_KEY + suffix);
+    this.#keys = ["", ":queue", ":tickets", ":seq", ":limit"].map((suffix) => SLOTS_KEY + suffix);
     this.#channel = `${SLOTS_KEY}:granted`;
     this.#leaseMs = options.leaseMs ?? SLOT_LEASE_MS;
     this.#prefix = `${options.owner ?? "worker"}:${crypto.randomUUID().slice(0, 8)}`;
@@ -243,8 +249,19 @@ export class SharedSlots implements Slots {
     return this.#fresh.length + this.#queued.size;
   }
 
-  /** Subscribes to the handover channel, so a slot handed to a waiter reaches it at once. */
+  /**
+   * Writes this replica's limit as the budget of all (warning when another replica had written a
+   * different one) and subscribes to the handover channel, so a slot handed to a waiter reaches
+   * it at once.
+   */
   async start(): Promise<void> {
+    const before = await this.#redis.set(this.#keys[4], String(this.#limit), "GET");
+    if (before !== null && before !== String(this.#limit)) {
+      this.#log.warn(
+        "LLM_MAX_IN_FLIGHT is {limit} here but was {before} on another replica; {limit} now holds for every replica. Set the same value on all of them.",
+        { limit: this.#limit, before: Number(before) },
+      );
+    }
     this.#subscriber.on("message", this.#onMessage);
     this.#subscriber.on("ready", this.#onReady);
     await this.#subscriber.subscribe(this.#channel);

@@ -203,3 +203,24 @@ Deno.test("a waiter whose signal aborts takes no slot; close rejects the others"
     await a.close();
   }
 });
+
+Deno.test("replicas set with different limits share the last started one's", async () => {
+  await using server = await startRedis();
+  const first = await replica(server.url, { limit: 1, owner: "a" });
+  const second = await replica(server.url, { limit: 2, owner: "b" });
+  try {
+    assert.equal(await first.redis.get(`${SLOTS_KEY}:limit`), "2");
+    // The first replica counts against the budget in Redis (2), not its own setting (1).
+    const releases = [await first.slots.acquire(), await first.slots.acquire()];
+    const third = second.slots.acquire();
+    let served = false;
+    third.then(() => served = true);
+    await pause(100);
+    assert.equal(served, false); // 2 held: the budget is full for every replica
+    releases[0]();
+    releases[1]();
+    (await third)();
+  } finally {
+    await Promise.all([first, second].map((r) => r.close()));
+  }
+});
