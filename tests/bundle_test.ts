@@ -21,6 +21,34 @@ function bundleArgs(out: string, entry = "main.ts"): string[] {
   return args;
 }
 
+/** Bundles `entry` into `out` with the `bundle` task's command line. */
+async function bundle(out: string, entry = "main.ts"): Promise<void> {
+  const built = await new Deno.Command(Deno.execPath(), {
+    args: bundleArgs(out, entry),
+    cwd: REPO_ROOT,
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(built.code, 0, new TextDecoder().decode(built.stderr));
+}
+
+/**
+ * Runs `deno <args>` in `dir` (no node_modules, no deno.json, no .env there) with a clean
+ * environment plus `env`; answers its standard output, after checking it exited 0.
+ */
+async function runAlone(args: string[], dir: string, env: Record<string, string> = {}) {
+  const done = await new Deno.Command(Deno.execPath(), {
+    args,
+    cwd: dir,
+    clearEnv: true,
+    env: { PATH: Deno.env.get("PATH") ?? "", HOME: dir, NO_COLOR: "1", ...env },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(done.code, 0, new TextDecoder().decode(done.stderr));
+  return new TextDecoder().decode(done.stdout);
+}
+
 /** The runtime image's `CMD` (the arguments of `deno`), from the Dockerfile. */
 function dockerCmd(): string[] {
   const dockerfile = Deno.readTextFileSync(join(REPO_ROOT, "Dockerfile"));
@@ -48,18 +76,12 @@ Deno.test("the offline bundle starts, serves /healthz and /readyz, and stops on 
   const dir = await Deno.makeTempDir({ prefix: "llm-worker-bundle-" });
   await using redis = await startRedis();
   try {
-    const bundle = join(dir, "llm-worker.bundle.js");
-    const built = await new Deno.Command(Deno.execPath(), {
-      args: bundleArgs(bundle),
-      cwd: REPO_ROOT,
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    assert.equal(built.code, 0, new TextDecoder().decode(built.stderr));
+    const out = join(dir, "llm-worker.bundle.js");
+    await bundle(out);
 
     const port = freePort();
     const child = new Deno.Command(Deno.execPath(), {
-      args: dockerCmd().map((arg) => arg === "llm-worker.js" ? bundle : arg),
+      args: dockerCmd().map((arg) => arg === "llm-worker.js" ? out : arg),
       cwd: dir, // no node_modules, no deno.json, no .env here
       clearEnv: true,
       env: {
@@ -114,26 +136,14 @@ Deno.test("the dead-letter tool's bundle runs on its own as the image ships it",
   const dir = await Deno.makeTempDir({ prefix: "llm-worker-dead-bundle-" });
   await using redis = await startRedis();
   try {
-    const bundle = join(dir, "dead.js");
-    const built = await new Deno.Command(Deno.execPath(), {
-      args: bundleArgs(bundle, "cli/dead.ts"),
-      cwd: REPO_ROOT,
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    assert.equal(built.code, 0, new TextDecoder().decode(built.stderr));
+    const out = join(dir, "dead.js");
+    await bundle(out, "cli/dead.ts");
     const command = dockerfile.match(/deno run (--no-config .*) dead\.js list/)?.[1];
     assert.ok(command, "the Dockerfile shows how to run the tool");
-    const listed = await new Deno.Command(Deno.execPath(), {
-      args: ["run", ...command.split(" "), bundle, "list"],
-      cwd: dir, // no node_modules, no deno.json, no .env here
-      clearEnv: true,
-      env: { PATH: Deno.env.get("PATH") ?? "", HOME: dir, NO_COLOR: "1", REDIS_URL: redis.url },
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    assert.equal(listed.code, 0, new TextDecoder().decode(listed.stderr));
-    assert.equal(new TextDecoder().decode(listed.stdout), "llm:dead is empty.\n");
+    const listed = await runAlone(["run", ...command.split(" "), out, "list"], dir, {
+      REDIS_URL: redis.url,
+    });
+    assert.equal(listed, "llm:dead is empty.\n");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -147,28 +157,14 @@ Deno.test("the prompts tool's bundle writes the built-in prompts as the image sh
   );
   const dir = await Deno.makeTempDir({ prefix: "llm-worker-prompts-bundle-" });
   try {
-    const bundle = join(dir, "prompts.js");
-    const built = await new Deno.Command(Deno.execPath(), {
-      args: bundleArgs(bundle, "cli/prompts.ts"),
-      cwd: REPO_ROOT,
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    assert.equal(built.code, 0, new TextDecoder().decode(built.stderr));
+    const out = join(dir, "prompts.js");
+    await bundle(out, "cli/prompts.ts");
     const command = dockerfile.match(/<image> (run --no-config .*) prompts\.js \/prompts$/m)?.[1];
     assert.ok(command, "the Dockerfile shows how to run the tool");
-    const out = join(dir, "prompts");
-    await Deno.mkdir(out);
-    const written = await new Deno.Command(Deno.execPath(), {
-      args: [...command.replace("/prompts", out).split(" "), bundle, out],
-      cwd: dir, // no node_modules, no deno.json here
-      clearEnv: true,
-      env: { PATH: Deno.env.get("PATH") ?? "", HOME: dir, NO_COLOR: "1" },
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    assert.equal(written.code, 0, new TextDecoder().decode(written.stderr));
-    const files = [...Deno.readDirSync(out)].map((entry) => entry.name).sort();
+    const prompts = join(dir, "prompts");
+    await Deno.mkdir(prompts);
+    await runAlone([...command.replace("/prompts", prompts).split(" "), out, prompts], dir);
+    const files = [...Deno.readDirSync(prompts)].map((entry) => entry.name).sort();
     assert.deepEqual(files, [
       "email_extract.txt",
       "followup.txt",
