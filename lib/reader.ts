@@ -2,8 +2,9 @@
  * Reading the job streams, and taking back what was lost: reads through the per-user leases
  * (lib/user_lease.ts: the oldest new entries across the streams, each queued for its user), in
  * batches once a quarter of the room is free, waiting with a blocking `XREAD` when nothing is
- * new, and for a quarter of the room's jobs to end when too many entries are pending under it; this consumer's own pending entries taken back at start and after every reconnect; a
- * missing group created again.
+ * new, and for a quarter of the room's jobs to end when too many entries are pending under it;
+ * this consumer's own pending entries taken back at start and after every reconnect; a missing
+ * group created again.
  *
  * Invariant: a user's entries are queued for the user in Redis in the step that delivers them, so
  * no replica runs one before an older entry of the same user.

@@ -22,9 +22,9 @@
  * started wins; with the key gone, each replica's own).
  *
  * Every script first drops expired holders and gives the freed slots to the queue. Invariants:
- * holders never exceed the limit in Redis; a replica that dies holds
- * its slots, and its tickets, for at most {@linkcode SLOT_LEASE_MS} (a slot handed to a ticket
- * keeps that ticket's expiry until its replica refreshes it).
+ * holders never exceed the limit in Redis; a replica that dies holds its slots, and its tickets,
+ * for at most {@linkcode SLOT_LEASE_MS} (a slot handed to a ticket keeps that ticket's expiry
+ * until its replica refreshes it).
  *
  * A replica that stalls longer than a lease (a `SIGSTOP`, a frozen VM) may find its slot taken:
  * its request in flight then counts against no slot until it ends. A slot is always taken after

@@ -462,8 +462,10 @@ type RawEntry = [string, string, string[] | false];
  * const leases = new UserLeases({ redis, consumer: "worker-1", leaseMs: 30_000 });
  * const { runs } = await leases.read(32, 128);
  * for (const run of runs) {
- *   // ... run the job, every Redis write fenced by leases.fence(run.lease) ...
- *   const next = await leases.advance(run.lease, run);
+ *   // ... run the job, every Redis write fenced by leases.fence(run.lease); the write that
+ *   // acknowledges it hands the user on (fence.handOn = leases.handOn(run.lease, run, ...)),
+ *   // or, alone: the user's next job first, else free users taken instead
+ *   const next = await leases.advance(run.lease, run, { users: 1 });
  * }
  * ```
  */
